@@ -1,0 +1,1 @@
+"""Pieces shared by the training and evaluation scripts (transforms, batching, metrics)."""

@@ -1,0 +1,586 @@
+"""CLIPSeg as a transformers `PreTrainedModel`: a frozen CLIP and a ~1.1M-parameter decoder.
+
+Reference: T. Lüddecke and A. Ecker, "Image Segmentation Using Text and Image Prompts", CVPR 2022.
+
+Read top to bottom: output type -> decoder blocks -> decoder -> the model (loading, freezing, forward,
+`predict`, export to transformers' stock `CLIPSegForImageSegmentation`).
+
+What differs from transformers' `CLIPSegForImageSegmentation` (same weights, same logits):
+- the vision tower runs once per image, however many prompts that image has (`image_index`), and stops
+  after the last extracted block;
+- the refined head upsamples by the patch size for any patch size, not only 16;
+- the decoder has the original's dropout for training;
+- non-square inputs work (the token grid is taken from the input size).
+
+State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
+from `configuration.py` (relatively, as `trust_remote_code` needs), torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+try:  # as remote code (a package made by transformers) or imported from the project's root
+    from .configuration import ClipSegCustomConfig
+except ImportError:
+    from configuration import ClipSegCustomConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ClipSegCustomOutput(ModelOutput):
+    """Output of `ClipSegCustomModel.forward`.
+
+    Args:
+        loss: binary cross-entropy with logits against `labels`, when given.
+        logits: `[P, H, W]` per-pixel logits, one map per prompt, at the input resolution.
+        conditional_embeddings: `[P, projection_dim]` the FiLM conditioning used for each prompt.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    conditional_embeddings: torch.Tensor | None = None
+
+
+class DecoderAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (the CIDAS key layout)."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(hidden)), heads(self.k_proj(hidden)), heads(self.v_proj(hidden))
+        dropout = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, width: int, intermediate: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, intermediate)
+        self.fc2 = nn.Linear(intermediate, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(hidden))))
+
+
+class DecoderBlock(nn.Module):
+    """Post-norm transformer block, as PyTorch's `nn.TransformerEncoderLayer` used by the original CLIPSeg."""
+
+    def __init__(self, config: ClipSegCustomConfig):
+        super().__init__()
+        width, dropout = config.reduce_dim, config.decoder_dropout
+        self.self_attn = DecoderAttention(width, config.decoder_num_attention_heads, dropout)
+        self.layer_norm1 = nn.LayerNorm(width)
+        self.mlp = DecoderMLP(width, config.decoder_intermediate_size, dropout)
+        self.layer_norm2 = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.layer_norm1(hidden + self.dropout(self.self_attn(hidden)))
+        return self.layer_norm2(hidden + self.dropout(self.mlp(hidden)))
+
+
+def build_head(config: ClipSegCustomConfig) -> nn.Module:
+    """The upsampling head: token grid [P, D, h, w] -> one logit map [P, 1, h*patch, w*patch]."""
+    width, patch = config.reduce_dim, config.vision_config.patch_size
+    if not config.use_complex_transposed_convolution:
+        return nn.ConvTranspose2d(width, 1, kernel_size=patch, stride=patch)
+    first, second = config.refined_head_strides
+    return nn.Sequential(
+        nn.Conv2d(width, width, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width, width // 2, kernel_size=first, stride=first),
+        nn.ReLU(),
+        nn.ConvTranspose2d(width // 2, 1, kernel_size=second, stride=second),
+    )
+
+
+class ClipSegDecoder(nn.Module):
+    """Reads CLIP activations deepest first, FiLM-conditions them on the prompt, and upsamples to logits."""
+
+    def __init__(self, config: ClipSegCustomConfig):
+        super().__init__()
+        vision_width = config.vision_config.hidden_size
+        self.conditional_layer = config.conditional_layer
+        self.film_mul = nn.Linear(config.projection_dim, config.reduce_dim)
+        self.film_add = nn.Linear(config.projection_dim, config.reduce_dim)
+        self.transposed_convolution = build_head(config)
+        self.reduces = nn.ModuleList(
+            nn.Linear(vision_width, config.reduce_dim) for _ in config.extract_layers
+        )
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in config.extract_layers)
+
+    def forward(
+        self,
+        activations: Sequence[torch.Tensor],
+        conditional_embeddings: torch.Tensor,
+        image_index: torch.Tensor | None,
+        grid: tuple[int, int],
+    ) -> torch.Tensor:
+        """activations: per extracted block (shallowest first) `[I, 1 + h*w, vision_width]`, one row per
+        image; conditional_embeddings `[P, projection_dim]`; image_index `[P]` (None: prompt p is image p)."""
+        hidden = None
+        for i, (activation, reduce, layer) in enumerate(zip(activations[::-1], self.reduces, self.layers)):
+            # Reduce per image, then pick rows per prompt: a linear map commutes with the row gather.
+            reduced = reduce(activation)
+            reduced = reduced if image_index is None else reduced[image_index]
+            hidden = reduced if hidden is None else hidden + reduced
+            if i == self.conditional_layer:
+                scale = self.film_mul(conditional_embeddings).unsqueeze(1)
+                shift = self.film_add(conditional_embeddings).unsqueeze(1)
+                hidden = scale * hidden + shift
+            hidden = layer(hidden)
+        tokens = hidden[:, 1:, :].transpose(1, 2)  # drop CLS: [P, D, h*w]
+        grid_map = tokens.reshape(tokens.shape[0], tokens.shape[1], *grid)
+        return self.transposed_convolution(grid_map).squeeze(1)
+
+
+class ClipSegCustomModel(PreTrainedModel):
+    """CLIPSeg: segment what a text phrase or an example image names, in any number of images.
+
+    The `clip` part is transformers' `CLIPModel`, frozen by the model itself after every load path; only the
+    `decoder` trains. Load it from a checkpoint of ours or a CIDAS one (`from_pretrained`), or start a new
+    decoder on any CLIP checkpoint (`from_clip`).
+    """
+
+    config_class = ClipSegCustomConfig
+    base_model_prefix = ""
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _no_split_modules = ["CLIPEncoderLayer", "CLIPTextEmbeddings", "CLIPVisionEmbeddings"]
+    _supports_sdpa = True
+    # The original CLIPSeg checkpoints carry an unused `reduce` layer; CIDAS conversions may keep it.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.reduce\."]
+
+    def __init__(self, config: ClipSegCustomConfig):
+        super().__init__(config)
+        self.clip = CLIPModel._from_config(
+            config.clip_config(), attn_implementation=config._attn_implementation
+        )
+        self.decoder = ClipSegDecoder(config)
+        # `register_for_auto_class` records one auto class; segmentation users look for this one too.
+        module = __name__.rsplit(".", 1)[-1]
+        config.auto_map = {
+            **(getattr(config, "auto_map", None) or {}),
+            "AutoModelForImageSegmentation": f"{module}.{type(self).__name__}",
+        }
+        self.post_init()
+        self.freeze_backbone()
+
+    # --- weights and freezing ---
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's defaults for the decoder (as the original CLIPSeg); CLIP initialises itself."""
+        if isinstance(module, DecoderAttention):
+            # nn.MultiheadAttention's init: Xavier over the stacked [3D, D] in-projection, zero biases.
+            width = module.q_proj.in_features
+            bound = math.sqrt(6.0 / (width + 3 * width))
+            for proj in (module.q_proj, module.k_proj, module.v_proj):
+                init.uniform_(proj.weight, -bound, bound)
+                init.zeros_(proj.bias)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.LayerNorm)):
+            module.reset_parameters()
+
+    def freeze_backbone(self) -> None:
+        """Freeze CLIP. Called after every load path: `from_pretrained` re-creates parameters trainable."""
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+
+    def train(self, mode: bool = True) -> ClipSegCustomModel:
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone always runs in inference mode
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """Load a checkpoint of ours, or a CIDAS one (`CIDAS/clipseg-rd64-refined` or a saved
+        `CLIPSegForImageSegmentation`; its config is converted), with the backbone frozen."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_backbone()
+        return loaded
+
+    @classmethod
+    def from_clip(cls, clip_name_or_path: str, **config_overrides: Any) -> ClipSegCustomModel:
+        """A new model: the weights of any CLIP checkpoint (Hub id or local folder) and a fresh decoder."""
+        try:
+            clip = CLIPModel.from_pretrained(clip_name_or_path)
+        except OSError as error:
+            raise OSError(
+                f"Could not load the CLIP checkpoint {clip_name_or_path!r} ({error.__class__.__name__}); "
+                "without network access, pass the path of a local copy (a folder with config.json and "
+                "model.safetensors, e.g. made by `huggingface-cli download`)."
+            ) from error
+        from_clip = dict(
+            text_config=clip.config.text_config.to_dict(),
+            vision_config=clip.config.vision_config.to_dict(),
+            projection_dim=clip.config.projection_dim,
+            logit_scale_init_value=clip.config.logit_scale_init_value,
+        )
+        clashes = sorted(set(from_clip) & set(config_overrides))
+        if clashes:
+            raise ValueError(f"{clashes} come from the CLIP checkpoint and cannot be overridden")
+        config = ClipSegCustomConfig(**from_clip, **config_overrides)
+        model = cls(config)
+        model.clip.load_state_dict(clip.state_dict())
+        model.freeze_backbone()
+        return model
+
+    # --- the forward pass ---
+
+    @torch.no_grad()
+    def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the extracted vision blocks, `[I, 1 + h*w, width]` each; stops after the last one."""
+        vision = self.clip.vision_model
+        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        wanted = self.config.extract_layers
+        found = {}
+        for index, block in enumerate(vision.encoder.layers[: wanted[-1] + 1]):
+            hidden = block(hidden, None)
+            if index in wanted:
+                found[index] = hidden
+        return [found[index] for index in wanted]
+
+    @torch.no_grad()
+    def text_embeddings(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """CLIP text embeddings `[P, projection_dim]`; phrases longer than the text tower are truncated."""
+        input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    @torch.no_grad()
+    def image_embeddings(self, conditional_pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings `[P, projection_dim]` of example images (visual prompts)."""
+        self._check_pixels(conditional_pixel_values, "conditional_pixel_values")
+        features = self.clip.get_image_features(
+            pixel_values=conditional_pixel_values, interpolate_pos_encoding=True
+        )
+        return features.pooler_output
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        conditional_pixel_values: torch.Tensor | None = None,
+        conditional_embeddings: torch.Tensor | None = None,
+        text_weight: torch.Tensor | float | None = None,
+        image_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ClipSegCustomOutput:
+        r"""Segment P prompts in I images.
+
+        Args:
+            pixel_values: `[I, 3, H, W]` normalised images (H, W multiples of the patch size).
+            input_ids, attention_mask: `[P, T]` tokenised phrases.
+            conditional_pixel_values: `[P, 3, h, w]` example images (visual prompts).
+            conditional_embeddings: `[P, projection_dim]` precomputed prompt embeddings.
+            text_weight: with both phrases and example images, the paper's mix: each prompt's embedding is
+                `w * text + (1 - w) * image` (a float or `[P]`).
+            image_index: `[P]` which image each prompt belongs to; default: prompt p belongs to image p.
+            labels: `[P, H, W]` target masks in [0, 1]; gives the loss.
+        """
+        if kwargs:
+            raise TypeError(f"ClipSegCustomModel.forward got unexpected arguments: {sorted(kwargs)}")
+        self._check_pixels(pixel_values, "pixel_values")
+        conditional_embeddings = self._conditional_embeddings(
+            input_ids, attention_mask, conditional_pixel_values, conditional_embeddings, text_weight
+        )
+        num_images, num_prompts = pixel_values.shape[0], conditional_embeddings.shape[0]
+        image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
+
+        activations = self.vision_activations(pixel_values)
+        patch = self.config.vision_config.patch_size
+        grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
+        logits = self.decoder(activations, conditional_embeddings, image_index, grid)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}")
+            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
+
+    def _conditional_embeddings(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        conditional_pixel_values: torch.Tensor | None,
+        conditional_embeddings: torch.Tensor | None,
+        text_weight: torch.Tensor | float | None,
+    ) -> torch.Tensor:
+        given = [t for t in (input_ids, conditional_pixel_values, conditional_embeddings) if t is not None]
+        if any(len(prompts) == 0 for prompts in given):
+            raise ValueError("the prompt list is empty: give at least one prompt")
+        if conditional_embeddings is not None:
+            if input_ids is not None or conditional_pixel_values is not None:
+                raise ValueError(
+                    "pass conditional_embeddings alone, not with input_ids or conditional_pixel_values"
+                )
+            if (
+                conditional_embeddings.ndim != 2
+                or conditional_embeddings.shape[1] != self.config.projection_dim
+            ):
+                raise ValueError(
+                    f"conditional_embeddings must be [P, {self.config.projection_dim}], "
+                    f"got {tuple(conditional_embeddings.shape)}"
+                )
+            embeddings = conditional_embeddings
+        elif input_ids is not None and conditional_pixel_values is not None:
+            if text_weight is None:
+                raise ValueError(
+                    "with both input_ids and conditional_pixel_values, give text_weight (the mix)"
+                )
+            if len(input_ids) != len(conditional_pixel_values):
+                raise ValueError("input_ids and conditional_pixel_values must have one row per prompt each")
+            weight = torch.as_tensor(text_weight, device=input_ids.device, dtype=torch.float32)
+            weight = weight.reshape(-1, 1) if weight.ndim else weight
+            text = self.text_embeddings(input_ids, attention_mask)
+            image = self.image_embeddings(conditional_pixel_values)
+            embeddings = weight * text + (1 - weight) * image
+        elif input_ids is not None:
+            embeddings = self.text_embeddings(input_ids, attention_mask)
+        elif conditional_pixel_values is not None:
+            embeddings = self.image_embeddings(conditional_pixel_values)
+        else:
+            raise ValueError("give a prompt: input_ids, conditional_pixel_values or conditional_embeddings")
+        return embeddings
+
+    def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
+        channels = self.config.vision_config.num_channels
+        if pixels.ndim != 4 or pixels.shape[1] != channels:
+            raise ValueError(f"{name} must be [N, {channels}, H, W], got shape {tuple(pixels.shape)}")
+        patch = self.config.vision_config.patch_size
+        if pixels.shape[2] % patch or pixels.shape[3] % patch:
+            raise ValueError(
+                f"{name} height and width {tuple(pixels.shape[2:])} must be multiples of the patch size {patch}"
+            )
+        if pixels.shape[0] == 0:
+            raise ValueError(f"{name} holds no images")
+
+    @staticmethod
+    def _check_image_index(
+        image_index: torch.Tensor | None, num_images: int, num_prompts: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if image_index is None:
+            if num_prompts != num_images:
+                raise ValueError(
+                    f"{num_prompts} prompts for {num_images} images: pass image_index [P] saying which image "
+                    "each prompt belongs to"
+                )
+            return None
+        image_index = torch.as_tensor(image_index, device=device)
+        if image_index.shape != (num_prompts,) or image_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"image_index must be an integer tensor of shape [{num_prompts}] (one entry per prompt), "
+                f"got {image_index.dtype} {tuple(image_index.shape)}"
+            )
+        if num_prompts and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
+            raise ValueError(f"image_index values must lie in [0, {num_images - 1}] for {num_images} images")
+        if num_prompts == num_images and torch.equal(image_index, torch.arange(num_images, device=device)):
+            return None  # one prompt per image in order: no gather needed
+        return image_index
+
+    def _fit_text_length(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cut token rows to the text tower's length, keeping each row's end-of-text token (CLIP pools there)."""
+        limit = self.config.text_config.max_position_embeddings
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [P, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] <= limit:
+            return input_ids, attention_mask
+        eos_id = self.config.text_config.eos_token_id
+        if eos_id == 2:  # legacy CLIP configs pool at the highest token id, which is end-of-text
+            eos_position = input_ids.argmax(dim=-1)
+        else:
+            eos_position = (input_ids == eos_id).int().argmax(dim=-1)
+        end_tokens = input_ids.gather(1, eos_position[:, None]).squeeze(1)
+        cut = input_ids[:, :limit].clone()
+        was_cut = eos_position >= limit
+        cut[was_cut, -1] = end_tokens[was_cut]
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :limit]
+        return cut, attention_mask
+
+    # --- high-level inference ---
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Any,
+        prompts: Any,
+        processor: Any = None,
+        batch_size: int = 8,
+    ) -> list[torch.Tensor]:
+        """Probability maps per prompt at each image's original size.
+
+        Args:
+            images: a PIL image or array (any size; RGBA, grayscale etc. are converted to RGB), or a list.
+            prompts: for one image, a phrase or example image, or a list of them; for a list of images, a list
+                with one such entry per image.
+            processor: the `CLIPSegProcessor` the model was saved with (default: loaded from the model's folder).
+            batch_size: images per forward pass.
+
+        Returns:
+            one float tensor `[K, height, width]` per image, K its number of prompts, values in [0, 1].
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        prompt_lists = [prompts] if single else list(prompts)
+        if len(prompt_lists) != len(images):
+            raise ValueError(
+                f"got {len(images)} images but {len(prompt_lists)} prompt lists: give one per image"
+            )
+        prompt_lists = [p if isinstance(p, (list, tuple)) else [p] for p in prompt_lists]
+        if not images or any(len(p) == 0 for p in prompt_lists):
+            raise ValueError("every image needs at least one prompt")
+        processor = processor or self._default_processor()
+        pil_images = [to_rgb_image(image, f"images[{i}]") for i, image in enumerate(images)]
+
+        results = []
+        for start in range(0, len(pil_images), batch_size):
+            chunk = pil_images[start : start + batch_size]
+            chunk_prompts = prompt_lists[start : start + batch_size]
+            results.extend(self._predict_chunk(chunk, chunk_prompts, processor))
+        return results
+
+    def _predict_chunk(self, images: list[Image.Image], prompt_lists: list[list], processor: Any) -> list:
+        device = self.device
+        pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        flat_prompts = [prompt for prompts in prompt_lists for prompt in prompts]
+        image_index = torch.tensor(
+            [i for i, prompts in enumerate(prompt_lists) for _ in prompts], dtype=torch.long, device=device
+        )
+        embeddings = self._embed_prompts(flat_prompts, processor)
+        logits = self(
+            pixel_values=pixel_values.to(device, self.dtype),
+            conditional_embeddings=embeddings,
+            image_index=image_index,
+        ).logits.float()
+        maps, offset = [], 0
+        for image, prompts in zip(images, prompt_lists):
+            own = logits[offset : offset + len(prompts)]
+            offset += len(prompts)
+            resized = F.interpolate(own[:, None], size=(image.height, image.width), mode="bilinear")
+            maps.append(torch.sigmoid(resized[:, 0]).cpu())
+        return maps
+
+    def _embed_prompts(self, prompts: list, processor: Any) -> torch.Tensor:
+        """Text phrases through the text tower, example images through the vision tower, in prompt order."""
+        device, dtype = self.device, self.dtype
+        texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+        visuals = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        embeddings = torch.empty(len(prompts), self.config.projection_dim, device=device, dtype=dtype)
+        if texts:
+            tokens = processor.tokenizer(
+                [prompts[i] for i in texts],
+                padding=True,
+                truncation=True,
+                max_length=self.config.text_config.max_position_embeddings,
+                return_tensors="pt",
+            )
+            embeddings[texts] = self.text_embeddings(
+                tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+            ).to(dtype)
+        if visuals:
+            examples = [to_rgb_image(prompts[i], f"prompt {i}") for i in visuals]
+            pixels = processor.image_processor(images=examples, return_tensors="pt")["pixel_values"]
+            embeddings[visuals] = self.image_embeddings(pixels.to(device, dtype)).to(dtype)
+        return embeddings
+
+    def _default_processor(self) -> Any:
+        if getattr(self, "_processor", None) is None:
+            from transformers import AutoProcessor
+
+            source = self.config.name_or_path
+            try:
+                self._processor = AutoProcessor.from_pretrained(source)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"predict() needs a processor and none could be loaded from {source!r}: pass processor=..."
+                ) from error
+        return self._processor
+
+    # --- export to transformers' stock CLIPSeg ---
+
+    def save_as_clipseg(self, save_directory: str, processor: Any = None) -> None:
+        """Write a stock `CLIPSegForImageSegmentation` checkpoint (loads in transformers without custom code)."""
+        from transformers import CLIPSegForImageSegmentation
+
+        clipseg_config = self.config.to_clipseg_config()
+        with torch.device("meta"):
+            stock = CLIPSegForImageSegmentation(clipseg_config)
+        stock.load_state_dict(self.state_dict(), strict=True, assign=True)
+        stock.save_pretrained(save_directory)
+        if processor is not None:
+            processor.save_pretrained(save_directory)
+
+
+def to_rgb_image(image: Any, name: str = "image") -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode or an array (H, W), (H, W, 1|3|4), uint8 or float in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{name}: expected a PIL image or an array, got {type(image).__name__}")
+    array = image
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ValueError(f"{name}: expected an array (H, W) or (H, W, 3|4), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(array).convert("RGB")
+
+
+def make_processor(tokenizer: Any, image_size: int = 352) -> Any:
+    """The processor saved with every model: CLIP tokenizer + ImageNet-normalised resize to `image_size`."""
+    from transformers import CLIPSegProcessor, ViTImageProcessorPil
+
+    image_processor = ViTImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        resample=Image.Resampling.BILINEAR,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    return CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+ClipSegCustomConfig.register_for_auto_class()
+ClipSegCustomModel.register_for_auto_class("AutoModel")
+
+__all__ = ["ClipSegCustomModel", "ClipSegCustomOutput", "make_processor", "to_rgb_image"]
