@@ -147,6 +147,8 @@ class ClipSegCustomConfig(PretrainedConfig):
         fields = {name: getattr(clipseg_config, name) for name in SHARED_CLIPSEG_FIELDS}
         fields["text_config"] = _tower_dict(clipseg_config.text_config)
         fields["vision_config"] = _tower_dict(clipseg_config.vision_config)
+        # Our exports record the input size; CIDAS configs do not (their processors resize to 352).
+        fields["image_size"] = getattr(clipseg_config, "image_size", cls.image_size)
         # transformers' CLIPSeg decoder has no dropout; ours defaults to the original's 0.1 for training.
         return cls(**{**fields, **overrides})
 
@@ -165,6 +167,7 @@ class ClipSegCustomConfig(PretrainedConfig):
         return CLIPSegConfig(
             text_config=_tower_dict(self.text_config),
             vision_config=_tower_dict(self.vision_config),
+            image_size=self.image_size,  # an extra attribute transformers keeps and ignores
             **fields,
         )
 

@@ -1,0 +1,224 @@
+"""Time this project's CLIPSeg against transformers' `CLIPSegForImageSegmentation` on the same work.
+
+    python benchmarks/benchmark.py --device cpu --batch_size 8               # this machine
+    python benchmarks/benchmark.py --device cuda --batch_size 64 --dtype bf16 # a GPU
+
+Both models are built from the same config with the same (random) weights, in the same process, and fed
+the same inputs. For each case the median of `--repeats` timed runs after `--warmup` runs is reported
+(the device synchronised around each), in images (or image-phrase pairs) per second, with the ratio.
+
+Cases:
+- train_step:    forward + backward + AdamW on the decoder, one phrase per image;
+- inference:     forward only, one phrase per image;
+- prompts_K:     K phrases per image, forward (transformers repeats each image K times, as it must);
+- train_step_K:  the training step with K phrases per image;
+- loop:          (with --data_dir) the whole training loop of run_train.py's pieces, data loading included.
+The logits of both models are compared once per case (max abs difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transformers import CLIPSegForImageSegmentation  # noqa: E402
+
+from configuration import ClipSegCustomConfig  # noqa: E402
+from modeling_clipseg_custom import ClipSegCustomModel  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per step")
+    parser.add_argument("--prompts_per_image", type=int, default=4)
+    parser.add_argument("--text_length", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cases", nargs="+", default=["train_step", "inference", "prompts_K", "train_step_K"]
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile our vision tower")
+    parser.add_argument("--output", default=None, help="JSON file for the results")
+    return parser.parse_args(argv)
+
+
+def build_models(device: torch.device) -> tuple[ClipSegCustomModel, CLIPSegForImageSegmentation]:
+    """Ours and transformers', default (CIDAS rd64-refined) architecture, identical weights."""
+    torch.manual_seed(0)
+    ours = ClipSegCustomModel(ClipSegCustomConfig(decoder_dropout=0.0))
+    theirs = CLIPSegForImageSegmentation(ours.config.to_clipseg_config())
+    theirs.load_state_dict(ours.state_dict())
+    theirs.clip.requires_grad_(False)  # frozen as in any CLIPSeg training: same trainable set as ours
+    return ours.to(device).eval(), theirs.to(device).eval()
+
+
+def inputs(args, device, prompts_per_image: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images, prompts = args.batch_size, args.batch_size * prompts_per_image
+    ids = torch.randint(1, 49000, (prompts, args.text_length), generator=generator)
+    ids[:, 0], ids[:, -1] = 49406, 49407
+    return {
+        "pixel_values": torch.randn(images, 3, 352, 352, generator=generator).to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "image_index": torch.arange(images).repeat_interleave(prompts_per_image).to(device),
+        "labels": (torch.rand(prompts, 352, 352, generator=generator) > 0.8).float().to(device),
+    }
+
+
+def ours_call(model, batch, with_labels):
+    return model(
+        pixel_values=batch["pixel_values"],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        image_index=batch["image_index"],
+        labels=batch["labels"] if with_labels else None,
+    )
+
+
+def theirs_call(model, batch, with_labels):
+    return model(
+        pixel_values=batch["pixel_values"][batch["image_index"]],
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"] if with_labels else None,
+    )
+
+
+def timed(fn, device, warmup, repeats) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step_fn(model, call, batch, autocast):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model.train()
+        with autocast():
+            loss = call(model, batch, True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def forward_fn(model, call, batch, autocast):
+    def forward():
+        model.eval()
+        with torch.no_grad(), autocast():
+            return call(model, batch, False).logits
+
+    return forward
+
+
+def max_logit_difference(ours, theirs, batch, autocast) -> float:
+    with torch.no_grad(), autocast():
+        a = ours_call(ours.eval(), batch, False).logits.float()
+        b = theirs_call(theirs.eval(), batch, False).logits.float()
+    return float((a - b).abs().max())
+
+
+def forward_flops_per_image(model, call, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in batch.items()}
+    one["image_index"] = torch.zeros(1, dtype=torch.long, device=one["pixel_values"].device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call(model, one, False)
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    ours, theirs = build_models(device)
+    if args.compile:
+        ours.vision_activations = torch.compile(ours.vision_activations)
+    k = args.prompts_per_image
+    plans = {
+        "train_step": (1, train_step_fn),
+        "inference": (1, forward_fn),
+        f"prompts_{k}": (k, forward_fn),
+        f"train_step_{k}": (k, train_step_fn),
+    }
+    wanted = [c.replace("_K", f"_{k}") for c in args.cases]
+    results = {
+        "machine": {
+            "device": str(device),
+            "name": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "settings": {k2: v for k2, v in vars(args).items() if k2 != "output"},
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "date": time.strftime("%Y-%m-%d"),
+        "cases": {},
+    }
+    batch1 = inputs(args, device, 1)
+    results["forward_gflops_per_image"] = {
+        "ours": forward_flops_per_image(ours, ours_call, batch1) / 1e9,
+        "transformers": forward_flops_per_image(theirs, theirs_call, batch1) / 1e9,
+    }
+    for case in wanted:
+        per_image, make = plans[case]
+        batch = inputs(args, device, per_image)
+        pairs = batch["input_ids"].shape[0]
+        t_ours = timed(make(ours, ours_call, batch, autocast), device, args.warmup, args.repeats)
+        t_theirs = timed(make(theirs, theirs_call, batch, autocast), device, args.warmup, args.repeats)
+        results["cases"][case] = {
+            "phrases_per_image": per_image,
+            "pairs_per_step": pairs,
+            "ours_seconds": t_ours,
+            "transformers_seconds": t_theirs,
+            "ours_pairs_per_second": pairs / t_ours,
+            "transformers_pairs_per_second": pairs / t_theirs,
+            "speedup": t_theirs / t_ours,
+            "max_abs_logit_difference": max_logit_difference(ours, theirs, batch, autocast),
+        }
+        print_row(case, results["cases"][case])
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_row(case: str, row: dict) -> None:
+    print(
+        f"{case:>14}: ours {row['ours_pairs_per_second']:8.2f} pairs/s ({row['ours_seconds']:.3f} s) | "
+        f"transformers {row['transformers_pairs_per_second']:8.2f} pairs/s ({row['transformers_seconds']:.3f} s) | "
+        f"x{row['speedup']:.2f} | max |dlogit| {row['max_abs_logit_difference']:.2e}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""From dataset rows (one per image, all its phrases) to model batches, for training and evaluation.
+
+Each image is decoded once for all of the phrases drawn from it, and the model's vision tower then runs
+once for that image too (`image_index` says which image each phrase belongs to).
+
+All randomness of a training sample comes from a generator seeded by (seed, epoch, index): a sample is
+the same whichever worker makes it, and a resumed run sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset, Sampler
+
+from phrasecut_dataset.masks import decode_image, image_to_tensor, polygons_to_mask, resize_image, resize_mask
+
+from .prompts import apply_template
+
+IMAGE_COLUMN = "image"
+
+
+@dataclass
+class PhraseIndex:
+    """Where every phrase of a split lives: task t is task `task_in_row[t]` of row `row_of_task[t]`."""
+
+    row_of_task: np.ndarray
+    task_in_row: np.ndarray
+    phrases: list[str]
+    tasks_by_phrase: dict[str, np.ndarray]
+    row_starts: np.ndarray  # row r's tasks are row_starts[r] .. row_starts[r + 1] - 1
+
+    @classmethod
+    def from_dataset(cls, dataset: Any) -> PhraseIndex:
+        """Read only the phrases column (no images, no polygons)."""
+        tasks = dataset.data.column("tasks").combine_chunks()
+        counts = pc.list_value_length(tasks).to_numpy(zero_copy_only=False).astype(np.int64)
+        phrases = pc.list_flatten(tasks).field("phrase").to_pylist()
+        row_starts = np.concatenate([[0], np.cumsum(counts)])
+        row_of_task = np.repeat(np.arange(len(counts)), counts)
+        task_in_row = np.arange(len(phrases)) - row_starts[row_of_task]
+        by_phrase: dict[str, list[int]] = {}
+        for task, phrase in enumerate(phrases):
+            by_phrase.setdefault(phrase, []).append(task)
+        tasks_by_phrase = {phrase: np.asarray(ids) for phrase, ids in by_phrase.items()}
+        return cls(row_of_task, task_in_row, phrases, tasks_by_phrase, row_starts)
+
+    def __len__(self) -> int:
+        return len(self.phrases)
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh permutation of the tasks each epoch, fixed by (seed, epoch). Yields `epoch * n + task`, so
+    the dataset knows the epoch too; `set_epoch` picks the epoch (resuming sets it directly)."""
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
+        return iter((self.epoch * self.num_items + order).tolist())
+
+
+def random_square_crop(
+    anchor_mask: np.ndarray, rng: np.random.Generator, tries: int = 50, min_fraction: float = 0.05
+) -> tuple[int, int, int]:
+    """(top, left, side) of a random square crop of side min(H, W), as the original CLIPSeg training:
+    the first of `tries` random crops in which the phrase's mask covers more than `min_fraction` of the
+    image area, else the crop that keeps the most of the mask."""
+    height, width = anchor_mask.shape
+    side = min(height, width)
+    vertical = height > width
+    # The crop slides along one axis only: mask pixels per line, summed, give each crop's count in O(1).
+    per_line = anchor_mask.sum(axis=1 if vertical else 0)
+    cumulative = np.concatenate([[0], np.cumsum(per_line)])
+    positions = (height if vertical else width) - side + 1
+    needed = min_fraction * height * width
+    best_offset, best_count = 0, -1
+    for _ in range(tries):
+        offset = int(rng.integers(positions))
+        count = cumulative[offset + side] - cumulative[offset]
+        if count > needed:
+            best_offset = offset
+            break
+        if count > best_count:
+            best_offset, best_count = offset, count
+    return (best_offset, 0, side) if vertical else (0, best_offset, side)
+
+
+def visual_prompt(
+    image: Image.Image, mask: np.ndarray, size: int, blur: float = 3.0, background: float = 0.1
+) -> Image.Image:
+    """The paper's best visual prompt engineering: blur and darken the background, crop around the object
+    with 10% context, pad to a square, resize. Done on pixels (the original worked on normalised values)."""
+    pixels = np.asarray(image, dtype=np.float32)
+    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(radius=blur)), dtype=np.float32)
+    keep = mask[:, :, None].astype(np.float32)
+    composed = pixels * keep + background * blurred * (1.0 - keep)
+    rows, cols = np.nonzero(mask)
+    if len(rows):
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        context_y, context_x = int(0.1 * (bottom - top)), int(0.1 * (right - left))
+        top, left = max(0, top - context_y), max(0, left - context_x)
+        bottom, right = min(mask.shape[0], bottom + context_y), min(mask.shape[1], right + context_x)
+        composed = composed[top:bottom, left:right]
+    height, width = composed.shape[:2]
+    side = max(height, width)
+    square = np.zeros((side, side, 3), dtype=np.float32)
+    square[
+        (side - height) // 2 : (side - height) // 2 + height,
+        (side - width) // 2 : (side - width) // 2 + width,
+    ] = composed
+    return Image.fromarray(square.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+
+
+@dataclass
+class TrainingOptions:
+    image_size: int = 352
+    phrases_per_image: int = 1
+    negative_prob: float = 0.2
+    prompt_template: str = "shuffle+"
+    random_crop: bool = True
+    crop_tries: int = 50
+    crop_min_fraction: float = 0.05
+    visual_prompts: bool = False
+    mix_text_min: float = 0.0
+    mix_text_max: float = 0.5
+    seed: int = 0
+
+
+class TrainingSamples(Dataset):
+    """One item = one image (cropped, resized) and `phrases_per_image` of its phrases with their masks.
+
+    Items are anchored at a task, so drawing items uniformly draws phrases uniformly, as in the paper.
+    With probability `negative_prob` a phrase is swapped for one absent from the image (empty mask).
+    With `visual_prompts`, each phrase also gets an example image made from another sample of the same
+    phrase and a text weight for the paper's text/visual mix.
+    """
+
+    def __init__(self, dataset: Any, index: PhraseIndex, options: TrainingOptions):
+        self.dataset = dataset
+        self.index = index
+        self.options = options
+        self.all_phrases = sorted(index.tasks_by_phrase)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        epoch, anchor = divmod(int(item), len(self.index))
+        rng = np.random.default_rng([self.options.seed, epoch, anchor])
+        row_id = int(self.index.row_of_task[anchor])
+        row = self.dataset[row_id]
+        image = decode_image(row[IMAGE_COLUMN])
+        chosen = self._choose_tasks(row_id, anchor, rng)
+        tasks = [row["tasks"][int(self.index.task_in_row[t])] for t in chosen]
+        masks = np.stack([polygons_to_mask(task["polygons"], image.height, image.width) for task in tasks])
+
+        if self.options.random_crop:
+            top, left, side = random_square_crop(
+                masks[0], rng, self.options.crop_tries, self.options.crop_min_fraction
+            )
+            image = image.crop((left, top, left + side, top + side))
+            masks = masks[:, top : top + side, left : left + side]
+        size = self.options.image_size
+        sample = {
+            "pixel_values": image_to_tensor(resize_image(image, size)),
+            "masks": torch.from_numpy(resize_mask(masks, size)),
+            "phrases": [task["phrase"] for task in tasks],
+        }
+        present = {task["phrase"] for task in row["tasks"]}
+        for k in range(len(tasks)):
+            if rng.random() < self.options.negative_prob:
+                sample["phrases"][k] = self._absent_phrase(present, rng)
+                sample["masks"][k] = False
+        if self.options.visual_prompts:
+            self._add_visual_prompts(sample, chosen, rng)
+        sample["phrases"] = [
+            apply_template(p, self.options.prompt_template, rng) if p else p for p in sample["phrases"]
+        ]
+        return sample
+
+    def _choose_tasks(self, row_id: int, anchor: int, rng: np.random.Generator) -> list[int]:
+        """The anchor plus K-1 other tasks of the same image (repeats only if the image has fewer)."""
+        first, last = self.index.row_starts[row_id], self.index.row_starts[row_id + 1]
+        others = [t for t in range(first, last) if t != anchor]
+        extra = self.options.phrases_per_image - 1
+        if extra <= 0:
+            return [anchor]
+        if len(others) >= extra:
+            picked = rng.choice(others, size=extra, replace=False).tolist()
+        else:
+            picked = others + rng.choice(np.arange(first, last), size=extra - len(others)).tolist()
+        return [anchor] + [int(t) for t in picked]
+
+    def _absent_phrase(self, present: set[str], rng: np.random.Generator) -> str:
+        for _ in range(20):
+            phrase = self.all_phrases[int(rng.integers(len(self.all_phrases)))]
+            if phrase not in present:
+                return phrase
+        return ""  # every phrase of the split is in this image: keep it a negative with no text
+
+    def _add_visual_prompts(self, sample: dict, chosen: list[int], rng: np.random.Generator) -> None:
+        """Example images from another sample of each phrase; phrases seen once get text only (weight 1)."""
+        size = self.options.image_size
+        visuals, weights = [], []
+        for k, phrase in enumerate(sample["phrases"]):
+            candidates = self.index.tasks_by_phrase.get(phrase, np.empty(0, dtype=np.int64))
+            candidates = candidates[candidates != chosen[k]]
+            if not len(candidates):
+                visuals.append(torch.zeros(3, size, size))
+                weights.append(1.0)
+                continue
+            support = int(candidates[rng.integers(len(candidates))])
+            row = self.dataset[int(self.index.row_of_task[support])]
+            support_image = decode_image(row[IMAGE_COLUMN])
+            task = row["tasks"][int(self.index.task_in_row[support])]
+            mask = polygons_to_mask(task["polygons"], support_image.height, support_image.width)
+            visuals.append(image_to_tensor(visual_prompt(support_image, mask, size)))
+            weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
+        sample["visual_pixel_values"] = torch.stack(visuals)
+        sample["text_weight"] = torch.tensor(weights)
+
+
+def tokenize(tokenizer: Any, phrases: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest phrase; cut phrases longer than the text tower (the end token is kept)."""
+    return tokenizer(list(phrases), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def collate_training(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+    """Images [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S]."""
+    phrases = [phrase for item in items for phrase in item["phrases"]]
+    batch = {
+        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "image_index": torch.tensor([i for i, item in enumerate(items) for _ in item["phrases"]]),
+        "labels": torch.cat([item["masks"] for item in items]).float(),
+        **tokenize(tokenizer, phrases, max_length),
+    }
+    if "visual_pixel_values" in items[0]:
+        batch["visual_pixel_values"] = torch.cat([item["visual_pixel_values"] for item in items])
+        batch["text_weight"] = torch.cat([item["text_weight"] for item in items])
+    return batch
+
+
+class EvaluationImages(Dataset):
+    """One item = one whole image squashed to the model size with all of its phrases (CLIPSeg protocol),
+    plus what the official protocol needs: the native-size masks and each task's subsets."""
+
+    def __init__(
+        self, dataset: Any, image_size: int, rows: Sequence[int] | None = None, native_masks: bool = True
+    ):
+        self.dataset = dataset
+        self.image_size = image_size
+        self.rows = list(range(len(dataset))) if rows is None else list(rows)
+        self.native_masks = native_masks
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        row = self.dataset[self.rows[item]]
+        image = decode_image(row[IMAGE_COLUMN])
+        native = np.stack([polygons_to_mask(t["polygons"], image.height, image.width) for t in row["tasks"]])
+        sample = {
+            "pixel_values": image_to_tensor(resize_image(image, self.image_size)),
+            "masks": torch.from_numpy(resize_mask(native, self.image_size)),
+            "phrases": [t["phrase"] for t in row["tasks"]],
+            "task_ids": [t["task_id"] for t in row["tasks"]],
+            "subsets": [list(t.get("subsets") or ["all"]) for t in row["tasks"]],
+            "image_id": row.get("image_id"),
+            "row": self.rows[item],
+        }
+        if self.native_masks:
+            sample["native_masks"] = torch.from_numpy(native)
+        return sample
+
+
+def collate_evaluation(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any]:
+    """Like `collate_training`, plus per-phrase bookkeeping lists (task ids, subsets, native masks)."""
+    batch = collate_training(items, tokenizer, max_length)
+    for key in ("phrases", "task_ids", "subsets"):
+        batch[key] = [value for item in items for value in item[key]]
+    batch["rows"] = [item["row"] for item in items]
+    if "native_masks" in items[0]:
+        batch["native_masks"] = [mask for item in items for mask in item["native_masks"]]
+    return batch

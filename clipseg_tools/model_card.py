@@ -1,0 +1,111 @@
+"""The model card (`README.md`) written next to a trained model, with its results as Hub `model-index`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+# Metric keys of the CLIPSeg paper protocol shown on the card, with their display names.
+CARD_METRICS = {
+    "miou_0.3": "mIoU (t=0.3)",
+    "fgiou_0.3": "foreground IoU (t=0.3)",
+    "ap": "AP",
+    "miou_best": "mIoU (best t)",
+    "fgiou_best": "foreground IoU (best t)",
+}
+
+ATTRIBUTION = """\
+## Attribution
+
+- Model: CLIPSeg, T. Lüddecke and A. Ecker, "Image Segmentation Using Text and Image Prompts", CVPR 2022
+  (arXiv:2112.10003).
+- Data: PhraseCut, C. Wu, Z. Lin, S. Cohen, T. Bui and S. Maji, "PhraseCut: Language-based Image Segmentation
+  in the Wild", CVPR 2020, built on Visual Genome (annotations CC BY 4.0; images under their own terms).
+- Starting weights: {base_model}. The `CIDAS/clipseg-*` weights were released by the CLIPSeg authors for
+  research use; the MIT licence of the code does not cover them.
+"""
+
+
+def eval_results(metrics: dict[str, float], dataset_name: str, split: str) -> list[EvalResult]:
+    return [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Referring expression segmentation",
+            dataset_type=dataset_name.lower(),
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=key.replace(".", "_"),
+            metric_name=label,
+            metric_value=round(float(metrics[key]), 4),
+        )
+        for key, label in CARD_METRICS.items()
+        if key in metrics and metrics[key] == metrics[key]  # skip NaN
+    ]
+
+
+def write_model_card(
+    output_dir: str | Path,
+    model_name: str,
+    base_model: str,
+    dataset_name: str,
+    eval_split: str,
+    metrics: dict[str, float],
+    training_config: dict[str, Any],
+    notes: str = "",
+) -> Path:
+    """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution."""
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=["clipseg", "image-segmentation", "referring-expression-segmentation", "custom_code"],
+        datasets=[dataset_name] if "/" in dataset_name else None,
+        base_model=base_model if "/" in base_model and not Path(base_model).exists() else None,
+        eval_results=eval_results(metrics, dataset_name, eval_split) or None,
+    )
+    rows = "\n".join(
+        f"| {label} | {metrics[key]:.4f} |" for key, label in CARD_METRICS.items() if key in metrics
+    )
+    results = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation was run."
+    config_json = json.dumps(training_config, indent=2, sort_keys=True, default=str)
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# {model_name}
+
+A CLIPSeg model (frozen CLIP + a small FiLM-conditioned decoder) that segments what a text phrase or an
+example image names. Trained with the clipseg-finetune project, starting from `{base_model}`, on
+{dataset_name}.
+
+{notes}
+
+## Use
+
+```python
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{model_name}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{model_name}")
+maps = model.predict(Image.open("photo.jpg"), ["a red car", "the sky"], processor=processor)
+# maps[0]: [2, height, width] probabilities at the photo's size
+```
+
+## Evaluation ({dataset_name}, split `{eval_split}`, CLIPSeg paper protocol)
+
+{results}
+
+## Training configuration
+
+```json
+{config_json}
+```
+
+{ATTRIBUTION.format(base_model=base_model)}"""
+    path = Path(output_dir) / "README.md"
+    ModelCard(content).save(path)
+    return path

@@ -1,0 +1,300 @@
+"""Export prepared PhraseCut splits as a Hub-style dataset repo (Parquet shards + card), and push it.
+
+    python -m phrasecut_dataset.publish --data_dir data/VGPhraseCut_v0 --output_dir out/phrasecut_hub \\
+        [--push_to_hub --hub_dataset_id your-name/phrasecut --private] [--max_shard_size 500MB]
+
+The folder it writes is laid out as `push_to_hub` lays out a repo:
+
+    README.md                                   dataset card: YAML (dataset_info, configs) + prose
+    data/<split>-00000-of-0000N.parquet         image bytes embedded
+
+so `load_dataset("parquet", data_files=...)`, `load_dataset(<folder>)` and, once pushed,
+`load_dataset("your-name/phrasecut")` all read the same rows. The push uploads that very folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import datasets
+import pyarrow.compute as pc
+import yaml
+from datasets.table import embed_table_storage
+from datasets.utils.py_utils import convert_file_size_to_int
+
+from .builder import CITATION, prepare_phrasecut
+from .validate import PhraseCutFormatError
+
+logger = logging.getLogger(__name__)
+
+
+def _num_shards(dataset: datasets.Dataset, max_shard_size: int) -> int:
+    # The same rule as Dataset.push_to_hub, so a push and an export shard alike.
+    return int((dataset._estimate_nbytes() or 0) / max_shard_size) + 1
+
+
+def _with_embedded_images(shard: datasets.Dataset) -> datasets.Dataset:
+    """Make sure every Image cell carries its bytes (the builder's rows already do; others may hold paths)."""
+    column = shard.data.column("image")
+    if sum(chunk.field("bytes").null_count for chunk in column.chunks) == 0:
+        return shard
+    return shard.with_format("arrow").map(embed_table_storage, batched=True).with_format(**shard.format)
+
+
+def write_parquet_shards(
+    dataset_dict: datasets.DatasetDict, output_dir: str | Path, max_shard_size: str | int = "500MB"
+) -> dict[str, list[Path]]:
+    """Write each split as data/<split>-<i>-of-<n>.parquet under output_dir; returns split -> shard paths."""
+    limit = convert_file_size_to_int(max_shard_size)
+    data_dir = Path(output_dir) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, dataset in dataset_dict.items():
+        count = _num_shards(dataset, limit)
+        paths = []
+        for index in range(count):
+            shard = _with_embedded_images(dataset.shard(num_shards=count, index=index, contiguous=True))
+            path = data_dir / f"{split}-{index:05d}-of-{count:05d}.parquet"
+            shard.to_parquet(str(path))
+            paths.append(path)
+        written[split] = paths
+    return written
+
+
+def _task_count(dataset: datasets.Dataset) -> int:
+    return int(pc.sum(pc.list_value_length(dataset.data.column("tasks"))).as_py() or 0)
+
+
+def card_metadata(dataset_dict: datasets.DatasetDict, shards: Mapping[str, list[Path]]) -> dict:
+    """The card's YAML header: what `push_to_hub` would write (dataset_info, configs) plus licence and tags."""
+    features = next(iter(dataset_dict.values())).features
+    splits = [
+        {"name": split, "num_bytes": int(dataset.data.nbytes), "num_examples": len(dataset)}
+        for split, dataset in dataset_dict.items()
+    ]
+    download_size = sum(path.stat().st_size for paths in shards.values() for path in paths)
+    return {
+        "pretty_name": "PhraseCut",
+        "language": ["en"],
+        "license": "other",
+        "license_name": "mixed",
+        "license_details": "Visual Genome annotations: CC BY 4.0. Images: their own per-image terms. "
+        "PhraseCut annotations: licence unspecified by the authors.",
+        "task_categories": ["image-segmentation"],
+        "tags": ["referring-expression-segmentation", "phrasecut", "visual-genome"],
+        "size_categories": [_size_category(sum(len(d) for d in dataset_dict.values()))],
+        "dataset_info": {
+            "features": features._to_yaml_list(),
+            "splits": splits,
+            "download_size": download_size,
+            "dataset_size": sum(s["num_bytes"] for s in splits),
+        },
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": split, "path": f"data/{split}-*"} for split in dataset_dict],
+            }
+        ],
+    }
+
+
+def _size_category(rows: int) -> str:
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
+        if rows < limit:
+            return name
+    return "1M<n<10M"
+
+
+CARD_BODY = """
+# PhraseCut (one row per image)
+
+PhraseCut ([Wu et al., CVPR 2020](https://arxiv.org/abs/2008.01187)) is a benchmark for segmenting the
+image region that a phrase describes ("white dog on grass"), built on Visual Genome images. This
+copy holds one row per image with all of its phrases ("tasks"), so that an image is decoded once
+for all of its phrases. It was made from the original files with this project's `phrasecut_dataset`
+builder; masks are not stored but rasterised from the polygons with the official convention
+(PIL, vertices truncated with int(), boundary included, union over all polygons of all instances).
+
+## Features
+
+| column | type | meaning |
+|---|---|---|
+| `image` | Image (JPEG bytes) | the Visual Genome image |
+| `image_id` | int64 | Visual Genome image id |
+| `width`, `height` | int32 | image size from the metadata; masks are drawn at this size |
+| `coco_id` | int64, nullable | the COCO id when the image is also in COCO |
+| `tasks` | list | the image's phrases, in the original file order, each with: |
+| `tasks[].task_id` | string | `<image_id>__<ann_id>_<ann_id>...` |
+| `tasks[].phrase` | string | the referring phrase |
+| `tasks[].phrase_structure` | struct | `name`, `attributes`, `relation_ids`, `relation_descriptions` (`predicate`, `object`), `type` (name / attribute / relation / verbose) |
+| `tasks[].polygons` | list | instances -> polygons -> `[x, y]` points (float32, pixels, not closed) |
+| `tasks[].instance_boxes` | list | one `[x, y, w, h]` per instance (inclusive, +1 convention) |
+| `tasks[].ann_ids` | list[int64] | Visual Genome object ids |
+| `tasks[].subsets` | list[string] | the official evaluation subsets the task belongs to (c20, i_single, s_small, ...) |
+
+## Splits
+
+| split | images | tasks |
+|---|---|---|
+{split_rows}
+
+`validation` is `refer_val.json`, which excludes the 100 `miniv` images. {skip_note}
+
+## Licence
+
+- Visual Genome annotations: Creative Commons Attribution 4.0 (CC BY 4.0).
+- Images: Flickr/YFCC/COCO photographs that keep their own per-image terms.
+- PhraseCut annotations: the authors state no licence; treat them as unspecified and cite the paper.
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+
+def dataset_card(
+    dataset_dict: datasets.DatasetDict, shards: Mapping[str, list[Path]], skip_report: Mapping | None = None
+) -> str:
+    """The README.md text: YAML header (parsed by the Hub and by `load_dataset`) and prose."""
+    split_rows = "\n".join(
+        f"| {split} | {len(dataset)} | {_task_count(dataset)} |" for split, dataset in dataset_dict.items()
+    )
+    skip_note = ""
+    if skip_report:
+        known_bad = sum(r.get("known_bad_images_skipped", 0) for r in skip_report.values())
+        other = sum(sum(r.get("images_skipped", {}).values()) for r in skip_report.values())
+        tasks = sum(sum(r.get("tasks_skipped", {}).values()) for r in skip_report.values())
+        skip_note = (
+            f"Left out while preparing: {known_bad} images whose metadata size does not match the JPEG "
+            f"(the known bad images), {other} other images and {tasks} tasks that failed validation."
+        )
+    header = yaml.safe_dump(card_metadata(dataset_dict, shards), sort_keys=False, allow_unicode=True)
+    body = CARD_BODY.format(split_rows=split_rows, skip_note=skip_note, citation=CITATION)
+    return f"---\n{header}---\n{body}"
+
+
+def export_dataset(
+    dataset_dict: datasets.DatasetDict,
+    output_dir: str | Path,
+    max_shard_size: str | int = "500MB",
+    skip_report: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write Parquet shards and the dataset card to output_dir, laid out like a Hub dataset repo.
+
+    `dataset_dict` holds the splits as `load_phrasecut` returns them (after a `select` or `shuffle`,
+    call `flatten_indices()` first: sizes and counts are read from the underlying Arrow tables).
+    Written under a temporary name and renamed when complete, so a crash leaves no half export.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
+        )
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    shards = write_parquet_shards(dataset_dict, partial, max_shard_size)
+    (partial / "README.md").write_text(dataset_card(dataset_dict, shards, skip_report), encoding="utf-8")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)
+    return output_dir
+
+
+def push_export_to_hub(
+    export_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None
+) -> str:
+    """Upload an `export_dataset` folder as the dataset repo `repo_id` in one commit; returns the commit URL.
+
+    Shards left under data/ by an earlier push, and not part of this export, are deleted in the
+    same commit (as `push_to_hub` does), so the repo holds exactly the exported files.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    export_dir = Path(export_dir)
+    local = sorted(p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file())
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        stale = [
+            f
+            for f in api.list_repo_files(repo_id, repo_type="dataset")
+            if f.startswith("data/") and f not in local
+        ]
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(export_dir / f)) for f in local]
+        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            repo_type="dataset",
+            commit_message="Upload PhraseCut (one row per image)",
+        )
+    except OfflineModeIsEnabled:
+        raise RuntimeError(
+            f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set. The export in {export_dir} is complete; "
+            "unset HF_HUB_OFFLINE and run again with --push_to_hub to upload it."
+        ) from None
+    return commit.commit_url
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Export PhraseCut to Parquet shards with a dataset card, and push it."
+    )
+    parser.add_argument("--data_dir", required=True, help="The raw PhraseCut folder (VGPhraseCut_v0).")
+    parser.add_argument("--output_dir", required=True, help="Where to write README.md and data/*.parquet.")
+    parser.add_argument("--cache_dir", default=None, help="datasets cache for the prepared splits.")
+    parser.add_argument("--splits", nargs="+", default=None, help="Splits to export (default: all four).")
+    parser.add_argument(
+        "--skip_bad", action="store_true", help="Skip and count bad images/tasks instead of stopping."
+    )
+    parser.add_argument("--max_shard_size", default="500MB", help="Largest Parquet shard, e.g. 500MB.")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir."
+    )
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the export to the Hub.")
+    parser.add_argument(
+        "--hub_dataset_id", default=None, help="Dataset repo to push to, e.g. your-name/phrasecut."
+    )
+    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_dataset_id:
+        parser.error("--push_to_hub needs --hub_dataset_id (e.g. your-name/phrasecut).")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        builder = prepare_phrasecut(
+            args.data_dir, cache_dir=args.cache_dir, splits=args.splits, skip_bad=args.skip_bad
+        )
+        splits = builder.as_dataset_dict()
+        out = export_dataset(
+            splits, args.output_dir, args.max_shard_size, builder.skip_report, args.overwrite_output_dir
+        )
+    except (PhraseCutFormatError, FileExistsError) as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"exported {', '.join(f'{s}: {len(d)} images' for s, d in splits.items())} to {out}")
+    if args.push_to_hub:
+        try:
+            url = push_export_to_hub(out, args.hub_dataset_id, private=args.private, token=args.hub_token)
+        except RuntimeError as error:
+            parser.exit(1, f"error: {error}\n")
+        print(f"pushed to {url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Score CLIPSeg models on PhraseCut under the CLIPSeg paper's protocol and the official one, side by side.
+
+    python run_eval.py --model ./out --data_dir /data/VGPhraseCut_v0
+    python run_eval.py --model ./out --compare CIDAS/clipseg-rd64-refined transformers:CIDAS/clipseg-rd64 ...
+    accelerate launch --multi_gpu --num_processes 4 run_eval.py --model ./out ...
+
+A model is a folder or Hub id: a checkpoint of ours, or a CIDAS-format one (a saved
+`CLIPSegForImageSegmentation`, loaded into our model). Prefix it with `transformers:` to run it through
+transformers' own `CLIPSegForImageSegmentation` instead (one image copy per phrase, as that class needs).
+
+Writes `results.md` and `results.json` (all models, both protocols, the paper's reference rows) and, per
+model, a failure gallery (`gallery/<model>/index.html`) with the precision-recall curve and IoU histogram.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+
+from clipseg_tools.evaluation import EvaluationResult, evaluate
+from clipseg_tools.gallery import write_gallery
+from clipseg_tools.metrics import markdown_table
+
+# Table 3 of the CLIPSeg paper (PhraseCut test, threshold 0.3): reference rows for the comparison.
+PAPER_ROWS = {
+    "paper: CLIPSeg (PC+), D=64": {"miou_0.3": 0.434, "fgiou_0.3": 0.547, "ap": 0.767},
+    "paper: CLIPSeg (PC), D=64": {"miou_0.3": 0.461, "fgiou_0.3": 0.562, "ap": 0.782},
+    "paper: CLIPSeg (PC), D=128": {"miou_0.3": 0.482, "fgiou_0.3": 0.565, "ap": 0.782},
+}
+PAPER_COLUMNS = [
+    "miou_0.3",
+    "fgiou_0.3",
+    "fgiou_0.5",
+    "ap",
+    "miou_best",
+    "fgiou_best",
+    "fgiou_best_threshold",
+]
+OFFICIAL_COLUMNS = ["count", "mean_iou", "cum_iou", "pr_0.5", "pr_0.6", "pr_0.7", "pr_0.8", "pr_0.9"]
+STOCK_PREFIX = "transformers:"
+
+
+class EvaluationError(Exception):
+    """Bad input found while evaluating: printed as one message, exit code 1."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="folder or Hub id of the model to score")
+    parser.add_argument("--compare", nargs="*", default=[], help="more models scored on the same samples")
+    parser.add_argument("--data_dir", help="raw PhraseCut folder (prepared with the project's builder)")
+    parser.add_argument(
+        "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
+    )
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cache_dir")
+    parser.add_argument("--max_images", type=int, default=0, help="score the first N images only (0: all)")
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="images per batch (all their phrases together)"
+    )
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument(
+        "--official_threshold",
+        type=float,
+        default=0.3,
+        help="probability threshold for the official protocol",
+    )
+    parser.add_argument("--output_dir", default="eval_results")
+    parser.add_argument(
+        "--gallery_max", type=int, default=100, help="failure pictures per model (0: no gallery)"
+    )
+    args = parser.parse_args(argv)
+    if bool(args.data_dir) == bool(args.dataset_name):
+        parser.error(
+            "give exactly one of --data_dir (raw PhraseCut folder) or --dataset_name (prepared export)"
+        )
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    if args.batch_size < 1 or args.max_images < 0:
+        parser.error("--batch_size must be at least 1 and --max_images at least 0")
+    if not 0 < args.official_threshold < 1:
+        parser.error("--official_threshold must lie strictly between 0 and 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------
+
+
+class StockClipSeg(torch.nn.Module):
+    """transformers' `CLIPSegForImageSegmentation` behind our forward signature: the class needs one image
+    per phrase, so each image is repeated for its phrases (the vision tower runs once per phrase)."""
+
+    def __init__(self, model: Any, image_size: int):
+        super().__init__()
+        self.model = model
+        self.config = argparse.Namespace(text_config=model.config.text_config, image_size=image_size)
+
+    def forward(self, pixel_values, input_ids, attention_mask, image_index):
+        return self.model(
+            pixel_values=pixel_values[image_index], input_ids=input_ids, attention_mask=attention_mask
+        )
+
+
+def load_model(spec: str, device: torch.device) -> tuple[Any, Any]:
+    """Model and processor from a folder or Hub id (see the module docstring for `transformers:`)."""
+    from transformers import AutoProcessor, CLIPSegForImageSegmentation
+
+    from modeling_clipseg_custom import ClipSegCustomModel
+
+    stock = spec.startswith(STOCK_PREFIX)
+    source = spec[len(STOCK_PREFIX) :] if stock else spec
+    try:
+        if stock:
+            model = CLIPSegForImageSegmentation.from_pretrained(source)
+        else:
+            model = ClipSegCustomModel.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as error:
+        raise EvaluationError(
+            f"--model/--compare {spec!r} is not a loadable model ({error.__class__.__name__}: {error}). Give a "
+            "folder saved by run_train.py, a CIDAS-format checkpoint, or a Hub id; without network access, "
+            "a local copy of it."
+        ) from error
+    model = model.to(device).eval()
+    if stock:
+        size = processor.image_processor.size
+        model = StockClipSeg(model, int(size.get("height") or size.get("shortest_edge")))
+    return model, processor
+
+
+def model_label(spec: str, taken: set[str]) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.+-]+", "_", spec.rstrip("/")).strip("_") or "model"
+    while label in taken:
+        label += "_"
+    taken.add(label)
+    return label
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_split(args: argparse.Namespace, accelerator: Accelerator) -> datasets.Dataset:
+    """The evaluation split; a split that was not prepared is named along with the ones that exist."""
+    if args.data_dir:
+        from phrasecut_dataset import load_phrasecut
+
+        with accelerator.main_process_first():
+            try:
+                splits = load_phrasecut(args.data_dir, cache_dir=args.cache_dir, splits=[args.split])
+            except ValueError as error:
+                raise EvaluationError(f"--data_dir {args.data_dir} --split {args.split}: {error}") from error
+    else:
+        try:
+            splits = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
+        except (OSError, ValueError, FileNotFoundError) as error:
+            raise EvaluationError(
+                f"--dataset_name {args.dataset_name} could not be loaded: {error}"
+            ) from error
+    if args.split not in splits:
+        raise EvaluationError(
+            f"--split {args.split!r} was not prepared: the dataset has {sorted(splits)}. Prepare it (export it "
+            "with phrasecut_dataset.publish) or pick one of those."
+        )
+    split = splits[args.split]
+    if "tasks" not in split.column_names or "image" not in split.column_names:
+        raise EvaluationError(
+            f"the {args.split} split has columns {split.column_names}, not the project's PhraseCut rows "
+            "(image, tasks, ...)"
+        )
+    return split.cast_column("image", datasets.Image(decode=False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring and reporting
+# ----------------------------------------------------------------------------------------------------
+
+
+def score(
+    model: Any, processor: Any, split: Any, args: argparse.Namespace, accelerator: Accelerator, label: str
+) -> EvaluationResult:
+    rows = range(min(args.max_images, len(split))) if args.max_images else None
+    try:
+        return evaluate(
+            model,
+            split,
+            processor.tokenizer,
+            accelerator,
+            image_size=model.config.image_size,
+            batch_size=args.batch_size,
+            rows=rows,
+            official_threshold=args.official_threshold,
+            num_workers=args.num_workers,
+            description=label,
+        )
+    except ValueError as error:
+        raise EvaluationError(f"{label}: {error}") from error
+
+
+def summary(result: EvaluationResult) -> dict[str, Any]:
+    clipseg = result.clipseg_metrics()
+    official = result.official_metrics()
+    return {
+        "clipseg_paper_protocol": clipseg,
+        "official_protocol": official,
+        "official_threshold": result.official_threshold,
+        "num_phrases": len(result.sample_ids),
+        "curves": {k: v.tolist() for k, v in result.sweep().curves().items()},
+    }
+
+
+def write_report(
+    output_dir: Path, args: argparse.Namespace, summaries: dict[str, dict], num_images: int
+) -> str:
+    """`results.md` (both tables, Markdown) and `results.json`; returns the Markdown."""
+    paper_table = {name: s["clipseg_paper_protocol"] for name, s in summaries.items()}
+    paper_table.update(PAPER_ROWS)
+    official_table = {name: s["official_protocol"]["all"] for name, s in summaries.items()}
+    lines = [
+        f"# Evaluation on the {args.split} split ({num_images} images, "
+        f"{next(iter(summaries.values()))['num_phrases']} phrases)",
+        "",
+        "## CLIPSeg paper protocol (whole image at the model size, raw phrases, 49 thresholds)",
+        "",
+        markdown_table(paper_table, PAPER_COLUMNS),
+        "",
+        "The `paper:` rows are the CLIPSeg paper's Table 3 on the full PhraseCut test split, for reference.",
+        "",
+        f"## Official PhraseCut protocol (original resolution, threshold {args.official_threshold}), all tasks",
+        "",
+        markdown_table(official_table, OFFICIAL_COLUMNS),
+        "",
+    ]
+    for name, s in summaries.items():
+        lines += [
+            f"### {name}: official protocol per subset",
+            "",
+            markdown_table(s["official_protocol"], OFFICIAL_COLUMNS),
+            "",
+        ]
+    markdown = "\n".join(lines)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.md").write_text(markdown)
+    payload = {
+        "split": args.split,
+        "num_images": num_images,
+        "models": summaries,
+        "paper_reference": PAPER_ROWS,
+    }
+    (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    output_dir = Path(args.output_dir)
+    split = load_split(args, accelerator)
+    num_images = min(args.max_images, len(split)) if args.max_images else len(split)
+
+    summaries, taken = {}, set()
+    for spec in [args.model, *args.compare]:
+        label = model_label(spec, taken)
+        model, processor = load_model(spec, accelerator.device)
+        result = score(model, processor, split, args, accelerator, label)
+        summaries[label] = summary(result)
+        if accelerator.is_main_process and args.gallery_max:
+            folder = write_gallery(
+                output_dir / "gallery" / label, model, processor, split, result, limit=args.gallery_max
+            )
+            summaries[label]["gallery"] = str(folder / "index.html")
+        del model
+    if accelerator.is_main_process:
+        markdown = write_report(output_dir, args, summaries, num_images)
+        print(markdown)
+        print(f"\nWritten: {output_dir / 'results.md'}, {output_dir / 'results.json'}")
+    return summaries
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except EvaluationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

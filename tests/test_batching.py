@@ -1,0 +1,144 @@
+"""Training and evaluation samples: crops, negatives, phrases per image, visual prompts, determinism."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipseg_tools.batching import (
+    EpochSampler,
+    EvaluationImages,
+    PhraseIndex,
+    TrainingOptions,
+    TrainingSamples,
+    collate_training,
+    random_square_crop,
+    visual_prompt,
+)
+from clipseg_tools.prompts import TEMPLATES, apply_template
+from clipseg_tools.tiny_clip import build_word_tokenizer
+from phrasecut_dataset import load_phrasecut
+
+
+@pytest.fixture(scope="module")
+def train_split(synthetic_data, tmp_path_factory):
+    import datasets
+
+    split = load_phrasecut(synthetic_data, cache_dir=tmp_path_factory.mktemp("cache"), splits=["train"])[
+        "train"
+    ]
+    return split.cast_column("image", datasets.Image(decode=False))
+
+
+def samples(split, **options):
+    return TrainingSamples(split, PhraseIndex.from_dataset(split), TrainingOptions(image_size=64, **options))
+
+
+def test_phrase_index_points_at_every_task(train_split):
+    index = PhraseIndex.from_dataset(train_split)
+    expected = [task["phrase"] for row in train_split for task in row["tasks"]]
+    assert index.phrases == expected
+    for t in (0, len(expected) // 2, len(expected) - 1):
+        row = train_split[int(index.row_of_task[t])]
+        assert row["tasks"][int(index.task_in_row[t])]["phrase"] == expected[t]
+    assert sum(len(v) for v in index.tasks_by_phrase.values()) == len(expected)
+
+
+def test_square_crop_keeps_enough_of_the_mask():
+    mask = np.zeros((100, 300), dtype=bool)
+    mask[40:60, 250:290] = True  # 800 pixels, only at the right
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        top, left, side = random_square_crop(mask, rng, tries=50, min_fraction=0.02)
+        assert (top, side) == (0, 100)
+        assert mask[:, left : left + side].sum() > 0.02 * mask.size
+    hopeless = np.zeros((100, 300), dtype=bool)
+    hopeless[0, 299] = True  # one pixel: no crop reaches 5%, the best one keeps it
+    top, left, side = random_square_crop(hopeless, np.random.default_rng(1), tries=200)
+    assert hopeless[top : top + side, left : left + side].sum() == 1
+
+
+def test_samples_are_a_pure_function_of_seed_epoch_and_index(train_split):
+    data = samples(train_split, phrases_per_image=2, negative_prob=0.5, seed=7)
+    first, again = data[3], data[3]
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and first["phrases"] == again["phrases"]
+    other_epoch = data[3 + len(data)]
+    assert not (
+        torch.equal(first["pixel_values"], other_epoch["pixel_values"])
+        and first["phrases"] == other_epoch["phrases"]
+    )
+    assert first["pixel_values"].shape == (3, 64, 64) and first["masks"].shape == (2, 64, 64)
+
+
+def test_phrases_come_from_the_anchor_image_and_negatives_are_absent(train_split):
+    index = PhraseIndex.from_dataset(train_split)
+    data = samples(
+        train_split, phrases_per_image=3, negative_prob=0.0, prompt_template="plain", random_crop=False
+    )
+    for anchor in range(0, len(index), 5):
+        item = data[anchor]
+        own = {t["phrase"] for t in train_split[int(index.row_of_task[anchor])]["tasks"]}
+        assert item["phrases"][0] == index.phrases[anchor]
+        assert set(item["phrases"]) <= own
+        assert item["masks"][0].any()
+    negatives = samples(train_split, negative_prob=1.0, prompt_template="plain")
+    for anchor in range(0, len(index), 7):
+        item = negatives[anchor]
+        own = {t["phrase"] for t in train_split[int(index.row_of_task[anchor])]["tasks"]}
+        assert item["phrases"][0] not in own and not item["masks"][0].any()
+
+
+def test_visual_prompts_come_with_text_weights(train_split):
+    data = samples(train_split, phrases_per_image=2, visual_prompts=True, mix_text_min=0.1, mix_text_max=0.4)
+    item = data[0]
+    assert item["visual_pixel_values"].shape == (2, 3, 64, 64)
+    weights = item["text_weight"]
+    assert all(w == 1.0 or 0.1 <= w <= 0.4 for w in weights.tolist())
+
+
+def test_visual_prompt_darkens_the_background_and_crops_to_the_object():
+    image = Image.new("RGB", (100, 80), (200, 200, 200))
+    mask = np.zeros((80, 100), dtype=bool)
+    mask[20:40, 30:70] = True
+    prompt = np.asarray(visual_prompt(image, mask, 32)).astype(float)
+    assert prompt.shape == (32, 32, 3)
+    assert prompt[16, 16].mean() > 150  # the object, kept
+    assert prompt[0, 0].mean() < 30  # padding and darkened background
+
+
+def test_collate_flattens_phrases_with_their_image_index(train_split, tmp_path):
+    tokenizer = build_word_tokenizer(["red", "circle"], tmp_path, max_length=8)
+    data = samples(train_split, phrases_per_image=2)
+    batch = collate_training([data[0], data[1], data[2]], tokenizer, max_length=8)
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert batch["labels"].shape == (6, 64, 64) and batch["labels"].dtype == torch.float32
+    assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] <= 8
+
+
+def test_epoch_sampler_permutes_each_epoch_and_encodes_it():
+    sampler = EpochSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10))
+    sampler.set_epoch(2)
+    second = list(sampler)
+    assert sorted(second) == list(range(20, 30)) and [i - 20 for i in second] != first
+
+
+def test_evaluation_images_keep_every_phrase_of_the_whole_image(train_split):
+    images = EvaluationImages(train_split, 64, rows=[0, 1])
+    item = images[1]
+    row = train_split[1]
+    assert item["phrases"] == [t["phrase"] for t in row["tasks"]]
+    assert item["native_masks"].shape == (len(row["tasks"]), row["height"], row["width"])
+    assert item["masks"].shape == (len(row["tasks"]), 64, 64)
+
+
+def test_prompt_templates():
+    rng = np.random.default_rng(0)
+    assert apply_template("red circle", "plain", rng) == "red circle"
+    assert apply_template("red circle", "fixed", rng) == "a photo of a red circle."
+    drawn = {apply_template("x", "shuffle+", rng) for _ in range(300)}
+    assert drawn == {t.format("x") for t in TEMPLATES["shuffle+"]}
+    with pytest.raises(ValueError, match="unknown prompt template set 'fancy'"):
+        apply_template("x", "fancy", rng)

@@ -1,0 +1,186 @@
+"""run_eval.py: both protocols, ours vs the same weights in stock transformers, gallery, processes, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoTokenizer
+
+import run_eval
+from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, tiny_clip_dir):
+    """One tiny model saved twice: as ours, and exported as a stock transformers CLIPSeg checkpoint."""
+    torch.manual_seed(5)
+    model = ClipSegCustomModel.from_clip(
+        str(tiny_clip_dir), image_size=64, reduce_dim=16, extract_layers=[0, 1], decoder_intermediate_size=32
+    )
+    with torch.no_grad():  # a visible foreground so that every metric has something to count
+        model.decoder.transposed_convolution[-1].bias.fill_(-0.5)
+    processor = make_processor(AutoTokenizer.from_pretrained(tiny_clip_dir), image_size=64)
+    root = tmp_path_factory.mktemp("models")
+    model.save_pretrained(root / "ours")
+    processor.save_pretrained(root / "ours")
+    model.save_as_clipseg(root / "stock", processor=processor)
+    return root
+
+
+def test_ours_and_its_stock_export_score_identically_in_one_compare_run(
+    tmp_path, synthetic_data, saved_models
+):
+    out = tmp_path / "eval"
+    summaries = run_eval.main(
+        [
+            "--model", str(saved_models / "ours"),
+            "--compare", f"transformers:{saved_models / 'stock'}", str(saved_models / "stock"),
+            "--data_dir", str(synthetic_data),
+            "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", str(out),
+            "--num_workers", "0",
+            "--gallery_max", "5",
+        ]
+    )  # fmt: skip
+    labels = list(summaries)
+    assert len(labels) == 3
+    reference = summaries[labels[0]]
+    assert reference["num_phrases"] > 0
+    for other in labels[1:]:
+        assert summaries[other]["clipseg_paper_protocol"] == reference["clipseg_paper_protocol"], other
+        assert summaries[other]["official_protocol"] == reference["official_protocol"], other
+
+    markdown = (out / "results.md").read_text()
+    for label in labels + ["paper: CLIPSeg (PC+), D=64"]:
+        assert label in markdown
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload["models"]) == set(labels)
+    assert payload["models"][labels[0]]["official_protocol"]["all"]["count"] == reference["num_phrases"]
+
+    gallery = out / "gallery" / labels[0]
+    index = (gallery / "index.html").read_text()
+    pictures = sorted(p.name for p in gallery.glob("0*.png"))
+    assert 0 < len(pictures) <= 5
+    for name in pictures + ["pr_curve.png", "iou_histogram.png"]:
+        assert f'href="{name}"' in index
+        with Image.open(gallery / name) as image:
+            image.verify()
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path, synthetic_data, saved_models):
+    common = [
+        "--model", str(saved_models / "ours"),
+        "--data_dir", str(synthetic_data),
+        "--cache_dir", str(tmp_path / "cache"),
+        "--num_workers", "0",
+        "--gallery_max", "0",
+        "--batch_size", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29519",
+    ]
+    two = subprocess.run(
+        launch + [str(REPO_ROOT / "run_eval.py"), *common, "--output_dir", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-4000:]
+    run_eval.main([*common, "--output_dir", str(tmp_path / "one")])
+    one_models = json.loads((tmp_path / "one" / "results.json").read_text())["models"]
+    two_models = json.loads((tmp_path / "two" / "results.json").read_text())["models"]
+    assert one_models == two_models
+
+
+def test_a_folder_that_is_not_a_model_is_named(tmp_path, synthetic_data):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "hello.txt").write_text("not a model")
+    with pytest.raises(run_eval.EvaluationError, match="is not a loadable model"):
+        run_eval.main(
+            [
+                "--model",
+                str(tmp_path / "notes"),
+                "--data_dir",
+                str(synthetic_data),
+                "--cache_dir",
+                str(tmp_path / "c"),
+            ]
+        )
+
+
+def test_a_split_that_was_not_prepared_is_named(tmp_path, saved_models):
+    from phrasecut_dataset import write_synthetic_phrasecut
+
+    data = write_synthetic_phrasecut(tmp_path / "data", {"train": 3}, seed=1)
+    export = tmp_path / "export"
+    from phrasecut_dataset import load_phrasecut
+
+    load_phrasecut(data, cache_dir=tmp_path / "c", splits=["train"])["train"].to_parquet(
+        str(export / "data" / "train-00000-of-00001.parquet")
+    )
+    with pytest.raises(run_eval.EvaluationError, match="--split 'test' was not prepared"):
+        run_eval.main(
+            [
+                "--model",
+                str(saved_models / "ours"),
+                "--dataset_name",
+                str(export),
+                "--cache_dir",
+                str(tmp_path / "c"),
+            ]
+        )
+
+
+def test_a_prediction_of_the_wrong_shape_is_reported(tmp_path, synthetic_data, saved_models, monkeypatch):
+    real_load = run_eval.load_model
+
+    class HalfSize(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **inputs):
+            output = self.inner(**inputs)
+            output.logits = output.logits[:, ::2, ::2]
+            return output
+
+    monkeypatch.setattr(
+        run_eval,
+        "load_model",
+        lambda spec, device: (HalfSize(real_load(spec, device)[0]), real_load(spec, device)[1]),
+    )
+    with pytest.raises(run_eval.EvaluationError, match=r"predicted logits of shape \(\d+, 32, 32\)"):
+        run_eval.main(
+            [
+                "--model",
+                str(saved_models / "ours"),
+                "--data_dir",
+                str(synthetic_data),
+                "--cache_dir",
+                str(tmp_path / "c"),
+                "--num_workers",
+                "0",
+            ]
+        )
+
+
+def test_command_line_errors_exit_non_zero(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_eval.py"), "--model", str(tmp_path), "--data_dir", str(tmp_path / "missing")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--data_dir" in result.stderr

@@ -1,0 +1,241 @@
+"""run_train.py end to end on a tiny CLIP and a synthetic PhraseCut: learning, resume, DDP, push, bad args."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def train_args(data_dir, clip_dir, output_dir, *extra):
+    return [
+        "--data_dir", str(data_dir),
+        "--clip_model_name_or_path", str(clip_dir),
+        "--output_dir", str(output_dir),
+        "--image_size", "64",
+        "--reduce_dim", "16",
+        "--extract_layers", "0", "1",
+        "--decoder_intermediate_size", "32",
+        "--per_device_train_batch_size", "8",
+        "--phrases_per_image", "2",
+        "--dataloader_num_workers", "0",
+        "--eval_steps", "0",
+        "--logging_steps", "1",
+        "--cache_dir", str(Path(output_dir).parent / "hf_cache"),
+        *extra,
+    ]  # fmt: skip
+
+
+def run_script(args, timeout=600, env_extra=None, launcher=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.update(env_extra or {})
+    command = (launcher or [sys.executable]) + [str(REPO_ROOT / "run_train.py"), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_short_training_learns_and_its_outputs_reload_offline(tmp_path, synthetic_data, tiny_clip_dir):
+    out = tmp_path / "out"
+    result = run_script(
+        train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "30", "--learning_rate", "3e-3")
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [
+        entry["train_loss"] for entry in json.loads((out / "training_log.json").read_text())["log_history"]
+    ]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["train_steps"] == 30 and results["num_processes"] == 1
+    assert results["eval_samples"] > 0 and 0 <= results["eval_fgiou_0.3"] <= 1
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_clipseg_custom.py",
+        "configuration.py",
+        "README.md",
+    } <= files
+    assert {"processor_config.json", "tokenizer.json", "all_results.json"} <= files
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_30"]
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert any(r.metric_type == "fgiou_0_3" for r in card.data.eval_results)
+    assert "CVPR 2022" in card.text and "PhraseCut" in card.text
+
+    script = textwrap.dedent(
+        f"""
+        from PIL import Image
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained({str(out)!r})
+        maps = model.predict(Image.new("RGB", (50, 40), "red"), ["red circle", "blue square"], processor=processor)
+        print("ok", tuple(maps[0].shape), model.config.image_size)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": "", "HF_HOME": str(tmp_path / "home")}
+    reload = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert reload.returncode == 0, reload.stderr[-3000:]
+    assert "ok (2, 40, 50) 64" in reload.stdout
+
+
+def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, synthetic_data, tiny_clip_dir):
+    common = ("--max_train_steps", "40", "--checkpointing_steps", "4", "--decoder_dropout", "0.1")
+    straight = run_script(train_args(synthetic_data, tiny_clip_dir, tmp_path / "straight", *common))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO_ROOT / "run_train.py"),
+            *train_args(synthetic_data, tiny_clip_dir, out, *common),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_8" / "trainer_state.json").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "model.safetensors").exists()  # it really died mid-run
+
+    resumed = run_script(
+        train_args(synthetic_data, tiny_clip_dir, out, *common, "--resume_from_checkpoint", "latest")
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed from" in resumed.stdout
+    expected = load_file(tmp_path / "straight" / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all((expected[k] == got[k]).all() for k in expected), (
+        "resumed weights differ from the uninterrupted run"
+    )
+    assert json.loads((out / "all_results.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "all_results.json").read_text()
+    )
+
+
+def test_two_processes_on_cpu_train_together_and_score_each_sample_once(
+    tmp_path, synthetic_data, tiny_clip_dir
+):
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29517",
+    ]
+    result = run_script(
+        train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "6"), launcher=launcher
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["decoder_weights_equal_across_processes"] is True
+
+    from phrasecut_dataset import load_phrasecut
+
+    validation = load_phrasecut(synthetic_data, cache_dir=tmp_path / "hf_cache", splits=["validation"])[
+        "validation"
+    ]
+    assert results["eval_samples"] == sum(len(row["tasks"]) for row in validation)
+
+    single = run_script(
+        train_args(synthetic_data, tiny_clip_dir, tmp_path / "single", "--max_train_steps", "6")
+    )
+    assert single.returncode == 0, single.stderr[-4000:]
+    # Two processes with 8 phrases each see twice the phrases per step: not the same run, same scoring.
+    assert (
+        json.loads((tmp_path / "single" / "all_results.json").read_text())["eval_samples"]
+        == results["eval_samples"]
+    )
+
+
+def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_data, tiny_clip_dir):
+    out = tmp_path / "out"
+    result = run_script(train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "2"))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.hf_api import RepoUrl
+
+    import run_train
+
+    sent = {}
+
+    def fake_create_commit(self, repo_id, operations, **kwargs):
+        sent["repo"] = repo_id
+        sent["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
+
+    args = mock.Mock(hub_token="hf_test", hub_model_id="someone/clipseg-demo", hub_private_repo=False)
+    with (
+        mock.patch.object(
+            HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
+        ),
+        mock.patch.object(HfApi, "create_commit", fake_create_commit),
+    ):
+        run_train.push_output(args, out)
+    assert sent["repo"] == "someone/clipseg-demo"
+    names = set(sent["files"])
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_clipseg_custom.py",
+        "configuration.py",
+        "README.md",
+    } <= names
+    assert {"processor_config.json", "tokenizer.json", "all_results.json", "training_log.json"} <= names
+    assert not any(name.startswith("checkpoints/") for name in names)
+    card = ModelCard(Path(sent["files"]["README.md"]).read_text())  # as uploaded: its metadata parses
+    assert card.data.eval_results and card.data.pipeline_tag == "image-segmentation"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt_template", "fancy"], "invalid choice: 'fancy'"),
+        (
+            ["--per_device_train_batch_size", "7", "--phrases_per_image", "2"],
+            "is not divisible by --phrases_per_image",
+        ),
+        (["--resume_from_checkpoint", "{tmp}"], "is not a checkpoint of this script"),
+    ],
+)
+def test_bad_arguments_end_with_a_clear_message(tmp_path, synthetic_data, tiny_clip_dir, extra, message):
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    result = run_script(
+        train_args(synthetic_data, tiny_clip_dir, tmp_path / "out", "--max_train_steps", "2", *extra)
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
+    result = run_script(train_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "out"))
+    assert result.returncode == 2
+    assert "--data_dir" in result.stderr and "nowhere" in result.stderr
