@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,9 +27,10 @@ import datasets
 import torch
 from accelerate import Accelerator
 
+from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import EvaluationResult, evaluate
 from clipseg_tools.gallery import write_gallery
-from clipseg_tools.metrics import markdown_table
+from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
 
 # Table 3 of the CLIPSeg paper (PhraseCut test, threshold 0.3): reference rows for the comparison.
 PAPER_ROWS = {
@@ -70,9 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--official_threshold",
         type=float,
-        default=0.3,
+        default=OFFICIAL_THRESHOLD,
         help="probability threshold for the official protocol",
     )
+    parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast (the paper used float32)")
     parser.add_argument("--output_dir", default="eval_results")
     parser.add_argument(
         "--gallery_max", type=int, default=100, help="failure pictures per model (0: no gallery)"
@@ -153,33 +157,14 @@ def model_label(spec: str, taken: set[str]) -> str:
 
 def load_split(args: argparse.Namespace, accelerator: Accelerator) -> datasets.Dataset:
     """The evaluation split; a split that was not prepared is named along with the ones that exist."""
-    if args.data_dir:
-        from phrasecut_dataset import load_phrasecut
-
-        with accelerator.main_process_first():
-            try:
-                splits = load_phrasecut(args.data_dir, cache_dir=args.cache_dir, splits=[args.split])
-            except ValueError as error:
-                raise EvaluationError(f"--data_dir {args.data_dir} --split {args.split}: {error}") from error
-    else:
-        try:
-            splits = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
-        except (OSError, ValueError, FileNotFoundError) as error:
-            raise EvaluationError(
-                f"--dataset_name {args.dataset_name} could not be loaded: {error}"
-            ) from error
-    if args.split not in splits:
-        raise EvaluationError(
-            f"--split {args.split!r} was not prepared: the dataset has {sorted(splits)}. Prepare it (export it "
-            "with phrasecut_dataset.publish) or pick one of those."
-        )
-    split = splits[args.split]
-    if "tasks" not in split.column_names or "image" not in split.column_names:
-        raise EvaluationError(
-            f"the {args.split} split has columns {split.column_names}, not the project's PhraseCut rows "
-            "(image, tasks, ...)"
-        )
-    return split.cast_column("image", datasets.Image(decode=False))
+    try:
+        splits = load_splits(
+            [args.split], data_dir=args.data_dir, dataset_name=args.dataset_name, cache_dir=args.cache_dir,
+            accelerator=accelerator,
+        )  # fmt: skip
+    except ValueError as error:
+        raise EvaluationError(f"--split {args.split!r}: {error}") from error
+    return splits[canonical_split(args.split)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,6 +188,7 @@ def score(
             official_threshold=args.official_threshold,
             num_workers=args.num_workers,
             description=label,
+            mixed_precision=args.bf16,
         )
     except ValueError as error:
         raise EvaluationError(f"{label}: {error}") from error
@@ -251,20 +237,40 @@ def write_report(
         ]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.md").write_text(markdown)
+    write_atomically(output_dir / "results.md", markdown)
     payload = {
         "split": args.split,
         "num_images": num_images,
         "models": summaries,
         "paper_reference": PAPER_ROWS,
     }
-    (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    write_atomically(output_dir / "results.json", json.dumps(without_nan(payload), indent=2, allow_nan=False))
     return markdown
+
+
+def without_nan(value: Any) -> Any:
+    """JSON has no NaN: undefined numbers (e.g. AP of a flat curve) become null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nan(item) for item in value]
+    return value
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # float32 unless --bf16, whatever the launch configuration says: the protocol is float32.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.bf16 else "no"
+    )
     output_dir = Path(args.output_dir)
     split = load_split(args, accelerator)
     num_images = min(args.max_images, len(split)) if args.max_images else len(split)

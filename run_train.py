@@ -6,7 +6,7 @@ One script for one CPU, one or many GPUs and many machines; mixed precision and 
 come from the Accelerate config (`accelerate launch --config_file accelerate_config.yaml ...`).
 `python run_train.py --demo` runs the whole job offline on synthetic data with a small CLIP.
 
-Read top to bottom: arguments -> pieces (data, model, optimizer) -> loop -> save, card, push.
+Read top to bottom: arguments -> pieces (data, model, optimizer, checkpoints) -> loop -> save, card, push.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -39,16 +40,26 @@ from clipseg_tools.batching import (
     TrainingSamples,
     collate_training,
 )
+from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
-from configuration import ClipSegCustomConfig
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
 
 logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
+# Flags that shape a new decoder; a checkpoint given with --model_name_or_path brings its own.
+ARCHITECTURE_FLAGS = (
+    "image_size",
+    "reduce_dim",
+    "extract_layers",
+    "decoder_intermediate_size",
+    "decoder_num_attention_heads",
+    "plain_head",
+    "init_output_bias",
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,7 +67,7 @@ STATE_FILE = "trainer_state.json"
 # ----------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -68,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_split", default="train")
     data.add_argument("--validation_split", default="validation")
     data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
-    data.add_argument("--skip_bad_samples", action="store_true", help="skip (and count) broken images/tasks")
+    data.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="when preparing --data_dir, skip (and count) broken entries",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=4)
 
     model = parser.add_argument_group("model")
@@ -134,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--output_dir", required=True)
     run.add_argument("--overwrite_output_dir", action="store_true")
     run.add_argument("--checkpointing_steps", type=int, default=1000)
-    run.add_argument("--checkpoints_total_limit", type=int, default=3)
+    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
     run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
     run.add_argument(
         "--eval_steps", type=int, default=1000, help="evaluate every N steps (0: only at the end)"
@@ -154,72 +169,94 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--demo", action="store_true", help="offline end-to-end demo on synthetic data (see README)"
     )
     run.add_argument("--demo_images", type=int, default=1200, help="synthetic training images for --demo")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    if not args.demo:
+        check_args(parser, args)
     return args
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject bad combinations with one clear sentence naming the flag (exit code 2)."""
-    if args.demo:
-        return
+    """Reject bad values and combinations with one sentence naming the flag (exit code 2)."""
     if bool(args.data_dir) == bool(args.dataset_name):
         parser.error(
             "give exactly one of --data_dir (raw PhraseCut folder) or --dataset_name (prepared export)"
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    at_least_one = (
+        "max_train_steps",
+        "per_device_train_batch_size",
+        "phrases_per_image",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "logging_steps",
+        "per_device_eval_batch_size",
+    )
+    for flag in at_least_one:
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    for flag in (
+        "num_warmup_steps",
+        "dataloader_num_workers",
+        "max_eval_images",
+        "eval_steps",
+        "checkpoints_total_limit",
+    ):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must not be negative")
     if args.per_device_train_batch_size % args.phrases_per_image:
         parser.error(
             f"--per_device_train_batch_size {args.per_device_train_batch_size} is not divisible by "
             f"--phrases_per_image {args.phrases_per_image}"
         )
-    for flag in (
-        "max_train_steps",
-        "per_device_train_batch_size",
-        "phrases_per_image",
-        "gradient_accumulation_steps",
-    ):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
+    if not 0 < args.min_learning_rate <= args.learning_rate:
+        parser.error(
+            "--learning_rate and --min_learning_rate must satisfy 0 < min_learning_rate <= learning_rate"
+        )
     if not 0 <= args.negative_prob < 1:
         parser.error("--negative_prob must be in [0, 1)")
+    if not 0 <= args.decoder_dropout < 1:
+        parser.error("--decoder_dropout must be in [0, 1)")
     if not 0 <= args.mix_text_min <= args.mix_text_max <= 1:
         parser.error("--mix_text_min and --mix_text_max must satisfy 0 <= min <= max <= 1")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id namespace/name")
-    if args.checkpointing_steps < 1:
-        parser.error("--checkpointing_steps must be at least 1")
-    out = Path(args.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        if (out / "checkpoints").is_dir():
+    if args.model_name_or_path:
+        changed = [f for f in ARCHITECTURE_FLAGS if getattr(args, f) != parser.get_default(f)]
+        if changed:
             parser.error(
-                f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
-                "or --overwrite_output_dir to start over"
+                f"--{changed[0]} shapes a new decoder; with --model_name_or_path the checkpoint brings its own "
+                "architecture (drop the flag, or start from --clip_model_name_or_path)"
             )
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / STATE_FILE).is_file():
+            parser.error(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
+                f"{STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
+            )
+    out = Path(args.output_dir)
+    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        parser.error(
+            f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to start over"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pieces: data, model, optimizer, schedule, checkpoints
+# Pieces: model, schedule, checkpoints
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_splits(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, datasets.Dataset]:
-    """The training and validation splits, images left as bytes (decoded once per image in the transform)."""
-    wanted = [args.train_split, args.validation_split]
-    with accelerator.main_process_first():  # prepare once; the other processes read the cache
-        if args.data_dir:
-            from phrasecut_dataset import load_phrasecut
-
-            splits = load_phrasecut(
-                args.data_dir, cache_dir=args.cache_dir, splits=wanted, skip_bad=args.skip_bad_samples
-            )
-        else:
-            splits = datasets.load_dataset(args.dataset_name, cache_dir=args.cache_dir)
-    missing = [name for name in wanted if name not in splits]
-    if missing:
-        raise SystemExit(f"error: the dataset has no split(s) {missing}; it has {sorted(splits)}")
-    return {name: splits[name].cast_column("image", datasets.Image(decode=False)) for name in wanted}
+def offline_hint(source: str, error: Exception) -> OSError:
+    return OSError(
+        f"could not load {source!r} ({error.__class__.__name__}: {error}); without network access, pass the "
+        "path of a local copy (e.g. made by `hf download` on a machine that has one)"
+    )
 
 
 def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
@@ -228,29 +265,32 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
 
     if args.model_name_or_path:
         source = args.model_name_or_path
-        model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
         try:
+            model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
             processor = AutoProcessor.from_pretrained(source)
-        except (OSError, ValueError):
-            processor = make_processor(AutoTokenizer.from_pretrained(source), model.config.image_size)
-    else:
-        source = args.clip_model_name_or_path
-        model = ClipSegCustomModel.from_clip(
-            source,
-            image_size=args.image_size,
-            reduce_dim=args.reduce_dim,
-            extract_layers=args.extract_layers,
-            decoder_intermediate_size=args.decoder_intermediate_size,
-            decoder_num_attention_heads=args.decoder_num_attention_heads,
-            use_complex_transposed_convolution=not args.plain_head,
-            decoder_dropout=args.decoder_dropout,
-        )
+        except OSError as error:
+            raise offline_hint(source, error) from error
+        return model, processor
+    source = args.clip_model_name_or_path
+    model = ClipSegCustomModel.from_clip(
+        source,
+        image_size=args.image_size,
+        reduce_dim=args.reduce_dim,
+        extract_layers=args.extract_layers,
+        decoder_intermediate_size=args.decoder_intermediate_size,
+        decoder_num_attention_heads=args.decoder_num_attention_heads,
+        use_complex_transposed_convolution=not args.plain_head,
+        decoder_dropout=args.decoder_dropout,
+    )
+    try:
         processor = make_processor(AutoTokenizer.from_pretrained(source), args.image_size)
-        if args.init_output_bias is not None:
-            head = model.decoder.transposed_convolution
-            last = head[-1] if isinstance(head, torch.nn.Sequential) else head
-            with torch.no_grad():
-                last.bias.fill_(args.init_output_bias)
+    except OSError as error:
+        raise offline_hint(source, error) from error
+    if args.init_output_bias is not None:
+        head = model.decoder.transposed_convolution
+        last = head[-1] if isinstance(head, torch.nn.Sequential) else head
+        with torch.no_grad():
+            last.bias.fill_(args.init_output_bias)
     return model, processor
 
 
@@ -264,6 +304,28 @@ def lr_lambda(step: int, args: argparse.Namespace) -> float:
     floor = args.min_learning_rate / args.learning_rate
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_scheduler_type == "cosine" else 1 - progress
     return floor + (1 - floor) * shape
+
+
+def decoder_only_checkpoints(accelerator: Accelerator) -> None:
+    """Checkpoints hold the trainable decoder (MBs), not the frozen CLIP (hundreds of MBs each); a resumed
+    run gets CLIP back from the same source it started from."""
+
+    def is_decoder(key: str) -> bool:
+        return key.removeprefix("module.").startswith("decoder.")
+
+    def keep_decoder(models: list, weights: list, output_dir: str) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {key: value for key, value in state.items() if is_decoder(key)}
+
+    def load_decoder(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
+            decoder = {key.removeprefix("module.").removeprefix("decoder."): v for key, v in state.items()}
+            accelerator.unwrap_model(model).decoder.load_state_dict(decoder, strict=True)
+        models.clear()  # loaded here; Accelerate must not load them again
+
+    accelerator.register_save_state_pre_hook(keep_decoder)
+    accelerator.register_load_state_pre_hook(load_decoder)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -295,21 +357,30 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, kee
     return final
 
 
-def find_checkpoint(output_dir: Path, wanted: str) -> Path:
-    if wanted == "latest":
+def resume(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
+    """Load the checkpoint and return its training state (step, batches consumed, log, ...)."""
+    if args.resume_from_checkpoint == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
-            raise SystemExit(
-                f"error: --resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}"
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}"
             )
-        return found[-1]
-    path = Path(wanted)
-    if not (path / STATE_FILE).is_file():
-        raise SystemExit(
-            f"error: --resume_from_checkpoint {path} is not a checkpoint of this script "
-            f"(no {STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
+        checkpoint = found[-1]
+    else:
+        checkpoint = Path(args.resume_from_checkpoint)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    if state["model_source"] != model_source(args):
+        raise ValueError(
+            f"--resume_from_checkpoint {checkpoint} was trained from {state['model_source']!r}, this run starts "
+            f"from {model_source(args)!r}: give the same --model_name_or_path / --clip_model_name_or_path"
         )
-    return path
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"Resumed from {checkpoint} at step {state['step']}")
+    return state
+
+
+def model_source(args: argparse.Namespace) -> str:
+    return args.model_name_or_path or args.clip_model_name_or_path
 
 
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
@@ -340,28 +411,25 @@ def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Ten
 
 
 def run_evaluation(args, accelerator, model, split, processor, description) -> dict[str, float]:
-    rows = None
-    if args.max_eval_images and args.max_eval_images < len(split):
-        rows = range(args.max_eval_images)
+    """Both protocols on the first --max_eval_images images, float32, every phrase counted once."""
+    unwrapped = accelerator.unwrap_model(model)
+    rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
     result = evaluate(
-        accelerator.unwrap_model(model),
+        unwrapped,
         split,
         processor.tokenizer,
         accelerator,
-        image_size=model_config(accelerator, model).image_size,
+        image_size=unwrapped.config.image_size,
         batch_size=args.per_device_eval_batch_size,
         rows=rows,
+        num_workers=args.dataloader_num_workers,
         description=description,
     )
     metrics = result.clipseg_metrics()
-    official = result.official_metrics()["all"]
-    metrics.update({f"official_{k}": v for k, v in official.items()})
+    metrics.update({f"official_{k}": v for k, v in result.official_metrics()["all"].items()})
+    metrics["images"] = len(rows) if rows is not None else len(split)
     metrics["samples"] = len(result.sample_ids)  # phrases scored, each exactly once across processes
     return metrics
-
-
-def model_config(accelerator: Accelerator, model: Any) -> ClipSegCustomConfig:
-    return accelerator.unwrap_model(model).config
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -391,8 +459,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # --- pieces ---
     model, processor = build_model(args)
-    splits = load_splits(args, accelerator)
-    train_split, eval_split = splits[args.train_split], splits[args.validation_split]
+    splits = load_splits(
+        [args.train_split, args.validation_split],
+        data_dir=args.data_dir,
+        dataset_name=args.dataset_name,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_samples,
+        accelerator=accelerator,
+    )
+    train_split, eval_split = (
+        splits[canonical_split(args.train_split)],
+        splits[canonical_split(args.validation_split)],
+    )
     options = TrainingOptions(
         image_size=model.config.image_size,
         phrases_per_image=args.phrases_per_image,
@@ -405,14 +483,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     samples = TrainingSamples(train_split, PhraseIndex.from_dataset(train_split), options)
-    sampler = EpochSampler(len(samples), args.seed)
     images_per_batch = args.per_device_train_batch_size // args.phrases_per_image
     if len(samples) < images_per_batch * accelerator.num_processes:
-        raise SystemExit(f"error: the training split has {len(samples)} phrases, fewer than one batch")
+        raise ValueError(f"the training split has {len(samples)} phrases, fewer than one batch")
     train_loader = DataLoader(
         samples,
         batch_size=images_per_batch,
-        sampler=sampler,
+        sampler=EpochSampler(len(samples), args.seed),
         drop_last=True,
         # Its own generator: starting an epoch's iterator must not draw from the global RNG (dropout's),
         # or a resumed run would drift from the uninterrupted one.
@@ -437,143 +514,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Stepped once per optimizer step by us (Accelerate would step a prepared one once per process).
     accelerator.register_for_checkpointing(scheduler)
+    decoder_only_checkpoints(accelerator)
 
-    # --- resume ---
-    step, nonfinite = 0, 0
+    state = {"step": 0, "consumed_batches": 0, "nonfinite_losses": 0, "log_history": []}
     if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        step, nonfinite = state["step"], state["nonfinite_losses"]
-        accelerator.print(f"Resumed from {checkpoint} at step {step}")
-
+        state = resume(accelerator, args, output_dir)
+    state["model_source"] = model_source(args)
     if args.with_tracking:
-        accelerator.init_trackers(
-            "clipseg_finetune",
-            {
-                k: v
-                for k, v in training_config(args, accelerator).items()
-                if isinstance(v, (int, float, str, bool))
-            },
-        )
+        scalars = {
+            k: v
+            for k, v in training_config(args, accelerator).items()
+            if isinstance(v, int | float | str | bool)
+        }
+        accelerator.init_trackers("clipseg_finetune", scalars)
 
-    total_batch = (
-        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    )
     accelerator.print(
         f"Training: {len(samples)} phrases in {len(train_split)} images; {args.max_train_steps} steps of "
-        f"{total_batch} phrases ({accelerator.num_processes} processes x {args.per_device_train_batch_size} x "
-        f"{args.gradient_accumulation_steps} accumulation); trainable parameters "
-        f"{sum(p.numel() for p in trainable):,}"
+        f"{training_config(args, accelerator)['total_batch_size']} phrases ({accelerator.num_processes} processes "
+        f"x {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation); trainable "
+        f"parameters {sum(p.numel() for p in trainable):,}"
     )
-
-    # --- loop ---
-    batches_per_epoch = len(train_loader)
-    consumed = step * args.gradient_accumulation_steps
-    epoch = consumed // batches_per_epoch
-    progress = tqdm(
-        total=args.max_train_steps,
-        initial=step,
-        disable=not accelerator.is_local_main_process,
-        desc="training",
+    train_loop(
+        args, accelerator, model, optimizer, scheduler, train_loader, trainable, eval_split, processor, state
     )
-    metrics: dict[str, float] = {}
-    log_history: list[dict[str, float]] = []
-    running_loss, window_start, window_phrases = 0.0, time.perf_counter(), 0
-    model.train()
-    while step < args.max_train_steps:
-        skip = consumed - epoch * batches_per_epoch
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
-        for batch in loader:
-            consumed += 1
-            with accelerator.accumulate(model):
-                unwrapped = accelerator.unwrap_model(model)
-                with accelerator.autocast():
-                    embeddings = conditional_embeddings(unwrapped, batch)
-                    loss = model(
-                        pixel_values=batch["pixel_values"],
-                        conditional_embeddings=embeddings,
-                        image_index=batch["image_index"],
-                        labels=batch["labels"],
-                    ).loss
-                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    optimizer.step()
-                else:
-                    nonfinite += 1
-                    accelerator.print(
-                        f"Step {step + 1}: non-finite loss ({loss.item()}); batch skipped ({nonfinite} so far)"
-                    )
-                    if nonfinite > args.max_nonfinite_losses:
-                        raise SystemExit(
-                            f"error: {nonfinite} non-finite losses (limit --max_nonfinite_losses "
-                            f"{args.max_nonfinite_losses}); lower --learning_rate or check the data"
-                        )
-                optimizer.zero_grad(set_to_none=True)
-            if finite:
-                running_loss += loss.item()
-                window_phrases += batch["labels"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            scheduler.step()
-            progress.update(1)
-
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
-                elapsed = time.perf_counter() - window_start
-                logs = {
-                    "train_loss": running_loss
-                    / max(1, args.logging_steps * args.gradient_accumulation_steps),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "samples_per_second": window_phrases / max(elapsed, 1e-9),
-                    "nonfinite_losses": nonfinite,
-                }
-                progress.set_postfix(
-                    loss=f"{logs['train_loss']:.4f}",
-                    lr=f"{logs['learning_rate']:.2e}",
-                    sps=f"{logs['samples_per_second']:.1f}",
-                )
-                log_history.append({"step": step, **logs})
-                if args.with_tracking:
-                    accelerator.log(logs, step=step)
-                running_loss, window_start, window_phrases = 0.0, time.perf_counter(), 0
-
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-                state = {"step": step, "nonfinite_losses": nonfinite, "epoch": epoch}
-                save_checkpoint(accelerator, output_dir, state, args.checkpoints_total_limit)
-            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
-                metrics = run_evaluation(
-                    args, accelerator, model, eval_split, processor, f"evaluating at step {step}"
-                )
-                accelerator.print(
-                    f"step {step}: "
-                    + ", ".join(
-                        f"{k} {v:.4f}" for k, v in metrics.items() if k in ("miou_0.3", "fgiou_0.3", "ap")
-                    )
-                )
-                if args.with_tracking:
-                    accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
-                model.train()
-            if step >= args.max_train_steps:
-                break
-        else:
-            epoch += 1
-    progress.close()
 
     # --- final evaluation, save, card, push ---
     metrics = run_evaluation(args, accelerator, model, eval_split, processor, "final evaluation")
     if args.with_tracking:
-        accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
+        accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=state["step"])
         accelerator.end_training()
     results = {f"eval_{k}": v for k, v in metrics.items()}
-    results.update(train_steps=step, nonfinite_losses=nonfinite, num_processes=accelerator.num_processes)
-    results["decoder_weights_equal_across_processes"] = weights_agree(accelerator, model)
+    results.update(
+        train_steps=state["step"],
+        nonfinite_losses=state["nonfinite_losses"],
+        num_processes=accelerator.num_processes,
+        decoder_checksum_per_process=decoder_checksums(accelerator, model),
+    )
     if accelerator.is_main_process:
-        save_final_model(args, accelerator, model, processor, metrics, results, log_history)
+        save_final_model(args, accelerator, model, processor, metrics, results, state["log_history"])
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
         push_output(args, output_dir)
@@ -582,38 +560,124 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def report(args, accelerator, model, processor, eval_split, metrics) -> None:
-    """Say where everything is (and, for the demo, draw sample predictions)."""
-    output_dir = Path(args.output_dir)
-    print(
-        f"\nEvaluation on {args.validation_split}: mIoU@0.3 {metrics['miou_0.3']:.4f}, "
-        f"foreground IoU@0.3 {metrics['fgiou_0.3']:.4f}, best foreground IoU {metrics['fgiou_best']:.4f}, "
-        f"AP {metrics['ap']:.4f}"
+def train_loop(
+    args, accelerator, model, optimizer, scheduler, train_loader, trainable, eval_split, processor, state
+):
+    """Optimizer steps until --max_train_steps; checkpoints, evaluation and logs on the way. `state` is
+    updated in place and is what a checkpoint stores (with the weights, optimizer, schedule and RNGs)."""
+    batches_per_epoch = len(train_loader)
+    progress = tqdm(
+        total=args.max_train_steps,
+        initial=state["step"],
+        disable=not accelerator.is_local_main_process,
+        desc="training",
     )
-    print(f"Model, processor and code: {output_dir}/")
-    print(f"Model card:                {output_dir / 'README.md'}")
-    print(f"Results:                   {output_dir / 'all_results.json'}")
-    if args.demo:
-        from clipseg_tools.demo import save_sample_predictions
+    window = {"loss": 0.0, "batches": 0, "phrases": 0, "start": time.perf_counter()}
+    model.train()
+    while state["step"] < args.max_train_steps:
+        epoch, skip = divmod(state["consumed_batches"], batches_per_epoch)
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
+        for batch in loader:
+            state["consumed_batches"] += 1
+            loss = train_batch(args, accelerator, model, optimizer, trainable, batch, state)
+            if loss is not None:
+                window["loss"] += loss
+                window["batches"] += 1
+                window["phrases"] += batch["labels"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            scheduler.step()
+            progress.update(1)
+            step = state["step"]
+            if step % args.logging_steps == 0 or step == args.max_train_steps:
+                log_window(args, accelerator, scheduler, progress, window, state)
+            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
+            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
+                metrics = run_evaluation(
+                    args, accelerator, model, eval_split, processor, f"evaluating at step {step}"
+                )
+                accelerator.print(
+                    f"step {step}: "
+                    + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("miou_0.3", "fgiou_0.3", "ap"))
+                )
+                if args.with_tracking:
+                    accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
+                model.train()
+            if step >= args.max_train_steps:
+                break
+    progress.close()
 
-        paths = save_sample_predictions(accelerator.unwrap_model(model), processor, eval_split, output_dir)
-        print(
-            f"Sample predictions:        {paths[0].parent}/ ({len(paths)} pictures: image, then heat map and truth per phrase)"
-        )
+
+def train_batch(args, accelerator, model, optimizer, trainable, batch, state) -> float | None:
+    """Forward, backward and (at the end of an accumulation) the optimizer step; the batch's loss, or None
+    when some process got a non-finite loss: then every process skips it, and the run stops after
+    --max_nonfinite_losses such batches."""
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            embeddings = conditional_embeddings(accelerator.unwrap_model(model), batch)
+            loss = model(
+                pixel_values=batch["pixel_values"],
+                conditional_embeddings=embeddings,
+                image_index=batch["image_index"],
+                labels=batch["labels"],
+            ).loss
+        finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
+        if finite:
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+        else:
+            state["nonfinite_losses"] += 1
+            accelerator.print(
+                f"step {state['step'] + 1}: non-finite loss ({loss.item()}) on some process; batch skipped "
+                f"({state['nonfinite_losses']} so far)"
+            )
+            if state["nonfinite_losses"] > args.max_nonfinite_losses:
+                raise ValueError(
+                    f"{state['nonfinite_losses']} non-finite losses (limit --max_nonfinite_losses "
+                    f"{args.max_nonfinite_losses}); lower --learning_rate or check the data"
+                )
+        optimizer.zero_grad(set_to_none=True)
+    return loss.item() if finite else None
 
 
-def weights_agree(accelerator: Accelerator, model: Any) -> bool:
-    """Every process must end with the same decoder; a mismatch means the processes trained apart."""
+def log_window(args, accelerator, scheduler, progress, window, state) -> None:
+    """Mean loss over all processes' batches since the last log, learning rate, phrases per second."""
+    totals = accelerator.reduce(
+        torch.tensor([window["loss"], window["batches"]], device=accelerator.device), "sum"
+    )
+    elapsed = time.perf_counter() - window["start"]
+    logs = {
+        "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
+        "learning_rate": scheduler.get_last_lr()[0],
+        "samples_per_second": window["phrases"] / max(elapsed, 1e-9),
+        "nonfinite_losses": state["nonfinite_losses"],
+    }
+    progress.set_postfix(
+        loss=f"{logs['train_loss']:.4f}",
+        lr=f"{logs['learning_rate']:.2e}",
+        sps=f"{logs['samples_per_second']:.1f}",
+    )
+    state["log_history"].append({"step": state["step"], **logs})
+    if args.with_tracking:
+        accelerator.log(logs, step=state["step"])
+    window.update(loss=0.0, batches=0, phrases=0, start=time.perf_counter())
+
+
+def decoder_checksums(accelerator: Accelerator, model: Any) -> list[float]:
+    """A checksum of the decoder on every process; they must agree (the processes trained together)."""
     flat = torch.cat(
-        [p.detach().float().flatten() for p in accelerator.unwrap_model(model).decoder.parameters()]
+        [p.detach().double().flatten() for p in accelerator.unwrap_model(model).decoder.parameters()]
     )
-    gathered = accelerator.gather(flat[None]).reshape(accelerator.num_processes, -1)
-    agree = all(torch.equal(gathered[0], row) for row in gathered)
-    if not agree:
-        raise RuntimeError(
-            "the processes ended with different decoder weights: distributed training went wrong"
-        )
-    return agree
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder(97)
+    sums = accelerator.gather((flat * weights).sum().reshape(1)).tolist()
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"the processes ended with different decoders (checksums {sums})")
+    return sums
 
 
 def save_final_model(args, accelerator, model, processor, metrics, results, log_history) -> None:
@@ -621,8 +685,7 @@ def save_final_model(args, accelerator, model, processor, metrics, results, log_
     output_dir = Path(args.output_dir)
     staging = output_dir / ".final_partial"
     shutil.rmtree(staging, ignore_errors=True)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(staging)
+    accelerator.unwrap_model(model).save_pretrained(staging)
     processor.save_pretrained(staging)
     (staging / "all_results.json").write_text(json.dumps(results, indent=2))
     (staging / "training_log.json").write_text(
@@ -632,9 +695,9 @@ def save_final_model(args, accelerator, model, processor, metrics, results, log_
     write_model_card(
         staging,
         model_name=args.hub_model_id or output_dir.name,
-        base_model=args.model_name_or_path or args.clip_model_name_or_path,
+        base_model=model_source(args),
         dataset_name=dataset_name,
-        eval_split=args.validation_split,
+        eval_split=f"{args.validation_split} ({metrics['images']} images, {metrics['samples']} phrases)",
         metrics=metrics,
         training_config=training_config(args, accelerator),
         notes=getattr(args, "card_notes", ""),
@@ -675,9 +738,29 @@ def push_output(args: argparse.Namespace, output_dir: Path) -> None:
     print(f"Pushed {len(operations)} files from {output_dir} to https://huggingface.co/{repo_id}")
 
 
+def report(args, accelerator, model, processor, eval_split, metrics) -> None:
+    """Say where everything is (and, for the demo, draw sample predictions)."""
+    output_dir = Path(args.output_dir)
+    print(
+        f"\nEvaluation on {args.validation_split} ({metrics['images']} images, {metrics['samples']} phrases): "
+        f"mIoU@0.3 {metrics['miou_0.3']:.4f}, foreground IoU@0.3 {metrics['fgiou_0.3']:.4f}, "
+        f"best foreground IoU {metrics['fgiou_best']:.4f} (t={metrics['fgiou_best_threshold']:.2f}), AP {metrics['ap']:.4f}"
+    )
+    print(f"Model, processor and code: {output_dir}/")
+    print(f"Model card:                {output_dir / 'README.md'}")
+    print(f"Results:                   {output_dir / 'all_results.json'}")
+    if args.demo:
+        from clipseg_tools.demo import save_sample_predictions
+
+        paths = save_sample_predictions(accelerator.unwrap_model(model), processor, eval_split, output_dir)
+        print(
+            f"Sample predictions:        {paths[0].parent}/ ({len(paths)} pictures: image, then heat map and truth per phrase)"
+        )
+
+
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as error:  # bad input named by the code that found it
+    except (ValueError, OSError) as error:  # bad input, named by the code that found it
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

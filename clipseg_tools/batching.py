@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
 from phrasecut_dataset.masks import decode_image, image_to_tensor, polygons_to_mask, resize_image, resize_mask
+from phrasecut_dataset.validate import PhraseCutFormatError
 
 from .prompts import apply_template
 
@@ -38,10 +39,12 @@ class PhraseIndex:
 
     @classmethod
     def from_dataset(cls, dataset: Any) -> PhraseIndex:
-        """Read only the phrases column (no images, no polygons)."""
-        tasks = dataset.data.column("tasks").combine_chunks()
-        counts = pc.list_value_length(tasks).to_numpy(zero_copy_only=False).astype(np.int64)
-        phrases = pc.list_flatten(tasks).field("phrase").to_pylist()
+        """Read only the phrases (no images, no polygons), in the dataset's row order."""
+        if dataset._indices is not None:  # a select/shuffle view: the Arrow table holds other rows
+            dataset = dataset.flatten_indices()
+        tasks = dataset.data.column("tasks")
+        counts = pc.list_value_length(tasks).to_numpy().astype(np.int64)
+        phrases = pc.struct_field(pc.list_flatten(tasks), "phrase").to_pylist()
         row_starts = np.concatenate([[0], np.cumsum(counts)])
         row_of_task = np.repeat(np.arange(len(counts)), counts)
         task_in_row = np.arange(len(phrases)) - row_starts[row_of_task]
@@ -53,6 +56,14 @@ class PhraseIndex:
 
     def __len__(self) -> int:
         return len(self.phrases)
+
+    def phrase_ids(self, rows: Sequence[int], image_index: torch.Tensor) -> np.ndarray:
+        """Ids of a batch's phrases: `rows[i]` is the dataset row of image i, and each image's phrases
+        come in its task order (as `EvaluationImages` gives them)."""
+        image_index = image_index.cpu().numpy()
+        phrase_rows = np.asarray(rows)[image_index]
+        within = np.concatenate([np.arange(n) for n in np.bincount(image_index)])
+        return self.row_starts[phrase_rows] + within
 
 
 class EpochSampler(Sampler[int]):
@@ -125,6 +136,27 @@ def visual_prompt(
     return Image.fromarray(square.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
 
 
+def read_image(row: dict) -> Image.Image:
+    """A row's image, decoded; a broken one is named (the data should have been validated when prepared)."""
+    try:
+        return decode_image(row[IMAGE_COLUMN])
+    except (OSError, ValueError, SyntaxError) as error:
+        raise PhraseCutFormatError(
+            f"image {row.get('image_id')} cannot be decoded ({error}); re-prepare the data from the raw folder "
+            "with --skip_bad_samples to leave such images out"
+        ) from error
+
+
+def task_mask(task: dict, row: dict, image: Image.Image) -> np.ndarray:
+    """The task's mask at the image's native size (the official rasterisation)."""
+    try:
+        return polygons_to_mask(task["polygons"], image.height, image.width)
+    except (TypeError, ValueError, KeyError) as error:
+        raise PhraseCutFormatError(
+            f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error})"
+        ) from error
+
+
 @dataclass
 class TrainingOptions:
     image_size: int = 352
@@ -163,10 +195,10 @@ class TrainingSamples(Dataset):
         rng = np.random.default_rng([self.options.seed, epoch, anchor])
         row_id = int(self.index.row_of_task[anchor])
         row = self.dataset[row_id]
-        image = decode_image(row[IMAGE_COLUMN])
+        image = read_image(row)
         chosen = self._choose_tasks(row_id, anchor, rng)
         tasks = [row["tasks"][int(self.index.task_in_row[t])] for t in chosen]
-        masks = np.stack([polygons_to_mask(task["polygons"], image.height, image.width) for task in tasks])
+        masks = np.stack([task_mask(task, row, image) for task in tasks])
 
         if self.options.random_crop:
             top, left, side = random_square_crop(
@@ -225,9 +257,8 @@ class TrainingSamples(Dataset):
                 continue
             support = int(candidates[rng.integers(len(candidates))])
             row = self.dataset[int(self.index.row_of_task[support])]
-            support_image = decode_image(row[IMAGE_COLUMN])
-            task = row["tasks"][int(self.index.task_in_row[support])]
-            mask = polygons_to_mask(task["polygons"], support_image.height, support_image.width)
+            support_image = read_image(row)
+            mask = task_mask(row["tasks"][int(self.index.task_in_row[support])], row, support_image)
             visuals.append(image_to_tensor(visual_prompt(support_image, mask, size)))
             weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
         sample["visual_pixel_values"] = torch.stack(visuals)
@@ -271,8 +302,8 @@ class EvaluationImages(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         row = self.dataset[self.rows[item]]
-        image = decode_image(row[IMAGE_COLUMN])
-        native = np.stack([polygons_to_mask(t["polygons"], image.height, image.width) for t in row["tasks"]])
+        image = read_image(row)
+        native = np.stack([task_mask(task, row, image) for task in row["tasks"]])
         sample = {
             "pixel_values": image_to_tensor(resize_image(image, self.image_size)),
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),

@@ -2,7 +2,7 @@
 
 One pass over the images scores every phrase under both protocols:
 - the CLIPSeg paper's: the whole image squashed to the model size, raw phrases, per-threshold confusion
-  counts at the model resolution (`ThresholdSweep`);
+  counts at the model resolution, float32 (`ThresholdSweep`);
 - the official PhraseCut one: the prediction resized to the original image size, binarised at one
   threshold, intersection and union against the native-resolution mask, per subset.
 
@@ -12,7 +12,8 @@ per-phrase results are gathered once, so every phrase counts exactly once howeve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -24,7 +25,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batching import EvaluationImages, PhraseIndex, collate_evaluation
-from .metrics import ThresholdSweep, confusion_counts, intersection_union, official_phrasecut_metrics
+from .metrics import (
+    OFFICIAL_THRESHOLD,
+    THRESHOLDS,
+    ThresholdSweep,
+    confusion_counts,
+    intersection_union,
+    official_phrasecut_metrics,
+)
 
 
 @dataclass
@@ -39,7 +47,7 @@ class EvaluationResult:
     phrases: list[str] = field(default_factory=list)
     subsets: list[list[str]] = field(default_factory=list)
     rows: np.ndarray | None = None  # dataset row of each phrase
-    official_threshold: float = 0.5
+    official_threshold: float = OFFICIAL_THRESHOLD
 
     def sweep(self) -> ThresholdSweep:
         sweep = ThresholdSweep()
@@ -54,8 +62,13 @@ class EvaluationResult:
 
 
 def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Logits [P, S, S] of a collated batch (all phrases of its images, one vision pass per image)."""
-    logits = model(
+    """Logits [P, S, S] of a collated batch (all phrases of its images, one vision pass per image).
+
+    A model prepared by Accelerate for mixed-precision training keeps its plain forward in
+    `_original_forward`; that one is called, so evaluation runs in the precision the caller chose.
+    """
+    forward = getattr(model, "_original_forward", model)
+    logits = forward(
         pixel_values=batch["pixel_values"].to(device),
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
@@ -72,14 +85,17 @@ def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> t
 def official_counts(
     probs: torch.Tensor, image_index: torch.Tensor, native_masks: Sequence[torch.Tensor], threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Intersection and union per phrase, with the prediction resized (bilinear) to the original size."""
-    intersections, unions = [], []
-    for p, mask in enumerate(native_masks):
-        resized = F.interpolate(probs[p][None, None], size=tuple(mask.shape), mode="bilinear")[0, 0]
-        i, u = intersection_union(resized > threshold, mask.to(resized.device))
-        intersections.append(int(i))
-        unions.append(int(u))
-    return np.asarray(intersections, dtype=np.int64), np.asarray(unions, dtype=np.int64)
+    """Intersection and union per phrase, the predictions resized (bilinear) to their image's original
+    size; all phrases of one image are resized together."""
+    intersections = np.zeros(len(native_masks), dtype=np.int64)
+    unions = np.zeros(len(native_masks), dtype=np.int64)
+    for image in torch.unique(image_index).tolist():
+        phrases = torch.nonzero(image_index == image).flatten().tolist()
+        truth = torch.stack([native_masks[p] for p in phrases]).to(probs.device)
+        resized = F.interpolate(probs[phrases][:, None], size=tuple(truth.shape[1:]), mode="bilinear")[:, 0]
+        inter, union = intersection_union(resized > threshold, truth)
+        intersections[phrases], unions[phrases] = inter.cpu().numpy(), union.cpu().numpy()
+    return intersections, unions
 
 
 def evaluate(
@@ -90,67 +106,82 @@ def evaluate(
     image_size: int,
     batch_size: int = 8,
     rows: Sequence[int] | None = None,
-    official_threshold: float = 0.5,
+    official_threshold: float = OFFICIAL_THRESHOLD,
     num_workers: int = 0,
     description: str = "evaluating",
-    on_batch: Callable[[dict, torch.Tensor], None] | None = None,
+    mixed_precision: bool = False,
 ) -> EvaluationResult:
     """Score `model` on the rows of `dataset` (all of them by default) under both protocols.
 
     `model` is the plain model (not a DDP wrapper): processes see different numbers of batches.
+    It runs in float32, as the CLIPSeg paper evaluated, unless `mixed_precision` (the accelerator's).
+    Nothing is drawn from the global random generators, so evaluating during training leaves the
+    training run exactly as it would be without it.
     """
-    index = PhraseIndex.from_dataset(dataset)
-    rows = list(range(len(dataset))) if rows is None else list(rows)
-    own_rows = rows[accelerator.process_index :: accelerator.num_processes]
-    images = EvaluationImages(dataset, image_size, own_rows, native_masks=True)
-    max_length = model.config.text_config.max_position_embeddings
-    loader = DataLoader(
-        images,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=partial(collate_evaluation, tokenizer=tokenizer, max_length=max_length),
-    )
+    with torch.random.fork_rng(devices=[]):
+        index = PhraseIndex.from_dataset(dataset)
+        rows = list(range(len(dataset))) if rows is None else list(rows)
+        own_rows = rows[accelerator.process_index :: accelerator.num_processes]
+        loader = DataLoader(
+            EvaluationImages(dataset, image_size, own_rows, native_masks=True),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=partial(
+                collate_evaluation,
+                tokenizer=tokenizer,
+                max_length=model.config.text_config.max_position_embeddings,
+            ),
+        )
+        was_training = model.training
+        model.eval()
+        parts = _score_batches(
+            model, loader, index, accelerator, official_threshold, description, mixed_precision
+        )
+        model.train(was_training)
+    return _gathered(parts, accelerator, official_threshold)
+
+
+def _score_batches(
+    model, loader, index, accelerator, official_threshold, description, mixed_precision
+) -> dict:
     device = accelerator.device
+    precision = accelerator.autocast() if mixed_precision else nullcontext()
     parts: dict[str, list] = {
         k: [] for k in ("ids", "counts", "inter", "union", "task_ids", "phrases", "subsets", "rows")
     }
-    was_training = model.training
-    model.eval()
     progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False)
     with torch.no_grad():
         for batch in progress:
-            with accelerator.autocast():
+            with precision:
                 logits = predict_logits(model, batch, device)
             probs = torch.sigmoid(logits)
-            batch_rows = np.asarray(batch["rows"])[batch["image_index"].numpy()]
-            within = np.concatenate([np.arange(n) for n in np.bincount(batch["image_index"].numpy())])
-            parts["ids"].append(index.row_starts[batch_rows] + within)
+            image_index = batch["image_index"]
+            parts["ids"].append(index.phrase_ids(batch["rows"], image_index))
             parts["counts"].append(confusion_counts(probs, batch["labels"].to(device)).cpu())
             inter, union = official_counts(
-                probs, batch["image_index"], batch["native_masks"], official_threshold
+                probs, image_index.to(device), batch["native_masks"], official_threshold
             )
             parts["inter"].append(inter)
             parts["union"].append(union)
-            parts["rows"].append(batch_rows)
+            parts["rows"].append(np.asarray(batch["rows"])[image_index.numpy()])
             for key in ("task_ids", "phrases", "subsets"):
                 parts[key].extend(batch[key])
-            if on_batch is not None:
-                on_batch(batch, probs)
-    model.train(was_training)
-    return _gathered(parts, accelerator, official_threshold)
+    return parts
 
 
 def _gathered(parts: dict[str, list], accelerator: Any, official_threshold: float) -> EvaluationResult:
     """Collect every process's phrases (each process scored its own images) and order them by id."""
+
+    def joined(key: str, empty: Any) -> Any:
+        return (torch.cat if key == "counts" else np.concatenate)(parts[key]) if parts[key] else empty
+
     local = {
-        "ids": np.concatenate(parts["ids"]) if parts["ids"] else np.zeros(0, dtype=np.int64),
-        "counts": torch.cat(parts["counts"]) if parts["counts"] else torch.zeros(0, 49, 4, dtype=torch.long),
-        "inter": np.concatenate(parts["inter"]) if parts["inter"] else np.zeros(0, dtype=np.int64),
-        "union": np.concatenate(parts["union"]) if parts["union"] else np.zeros(0, dtype=np.int64),
-        "rows": np.concatenate(parts["rows"]) if parts["rows"] else np.zeros(0, dtype=np.int64),
-        "task_ids": parts["task_ids"],
-        "phrases": parts["phrases"],
-        "subsets": parts["subsets"],
+        "ids": joined("ids", np.zeros(0, dtype=np.int64)),
+        "counts": joined("counts", torch.zeros(0, len(THRESHOLDS), 4, dtype=torch.long)),
+        "inter": joined("inter", np.zeros(0, dtype=np.int64)),
+        "union": joined("union", np.zeros(0, dtype=np.int64)),
+        "rows": joined("rows", np.zeros(0, dtype=np.int64)),
+        **{key: parts[key] for key in ("task_ids", "phrases", "subsets")},
     }
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object

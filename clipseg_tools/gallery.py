@@ -8,6 +8,8 @@ the image, the predicted heat map over it, the ground truth, the phrase and its 
 from __future__ import annotations
 
 import html
+import os
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from phrasecut_dataset import decode_image  # noqa: E402
 
 from .batching import EvaluationImages, PhraseIndex, collate_evaluation  # noqa: E402
 from .evaluation import EvaluationResult, predict_logits  # noqa: E402
+from .metrics import low_iou_samples  # noqa: E402
 
 FAILURE_RANGE = (0.1, 0.5)
 TILE_HEIGHT = 256
@@ -34,28 +37,30 @@ TILE_HEIGHT = 256
 def write_gallery(
     folder: Path, model: Any, processor: Any, split: Any, result: EvaluationResult, limit: int = 100
 ) -> Path:
-    """Write the pictures, the two plots and `index.html` into `folder`; returns the folder."""
+    """Write the pictures, the two plots and `index.html` into `folder` (replaced as a whole); returns it."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     sweep = result.sweep()
     ious = sweep.per_sample_iou()
     in_range = (sweep.thresholds >= FAILURE_RANGE[0]) & (sweep.thresholds <= FAILURE_RANGE[1])
     best_iou = ious[:, in_range].max(axis=1)
-    failed = np.flatnonzero(best_iou < 0.5)
-    failed = failed[np.argsort(best_iou[failed], kind="stable")][:limit]  # worst first
+    failed = np.flatnonzero(low_iou_samples(sweep.counts, sweep.thresholds, 0.5, FAILURE_RANGE))
+    shown = failed[np.argsort(best_iou[failed], kind="stable")][:limit]  # worst first
 
-    plot_precision_recall(sweep.curves(), folder / "pr_curve.png")
+    plot_precision_recall(sweep.curves(), partial / "pr_curve.png")
     at_03 = int(np.flatnonzero(np.isclose(sweep.thresholds, 0.3))[0])
-    plot_iou_histogram(ious[:, at_03], folder / "iou_histogram.png")
-    entries = draw_failures(folder, model, processor, split, result, failed, best_iou)
-    (folder / "index.html").write_text(
-        index_page(entries, len(result.sample_ids), int((best_iou < 0.5).sum()))
-    )
+    plot_iou_histogram(ious[:, at_03], partial / "iou_histogram.png")
+    entries = draw_failures(partial, model, processor, split, result, shown, best_iou)
+    (partial / "index.html").write_text(index_page(entries, len(result.sample_ids), len(failed)))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
     return folder
 
 
 def draw_failures(folder, model, processor, split, result, failed, best_iou) -> list[dict]:
-    """Predict again, for the failing images only, and draw one picture per failing phrase."""
+    """Predict again (float32, as scored), for the failing images only; one picture per failing phrase."""
     if not len(failed):
         return []
     index = PhraseIndex.from_dataset(split)
@@ -75,16 +80,18 @@ def draw_failures(folder, model, processor, split, result, failed, best_iou) -> 
     with torch.no_grad():
         for batch in loader:
             probs = torch.sigmoid(predict_logits(model, batch, device)).cpu()
-            image_rows = np.asarray(batch["rows"])[batch["image_index"].numpy()]
-            within = np.concatenate([np.arange(n) for n in np.bincount(batch["image_index"].numpy())])
-            for p, sample_id in enumerate(index.row_starts[image_rows] + within):
-                if int(sample_id) not in wanted:
+            ids = index.phrase_ids(batch["rows"], batch["image_index"])
+            images = {}
+            for p, sample_id in enumerate(ids.tolist()):
+                if sample_id not in wanted:
                     continue
-                position = wanted[int(sample_id)]
-                image = decode_image(split[int(image_rows[p])]["image"])
+                position = wanted[sample_id]
+                row = int(result.rows[position])
+                if row not in images:
+                    images[row] = decode_image(split[row]["image"])
                 name = f"{len(entries):04d}_{re_safe(result.task_ids[position])}.png"
                 picture = failure_picture(
-                    image, probs[p], batch["native_masks"][p], batch["phrases"][p], best_iou[position]
+                    images[row], probs[p], batch["native_masks"][p], batch["phrases"][p], best_iou[position]
                 )
                 picture.save(folder / name)
                 entries.append(

@@ -28,10 +28,11 @@ CLIPSeg paper protocol (`FixedIntervalMetrics` of the original code)
       assert): the integral then covers no recall range and no score can be read from it.
 
     The metrics are computed at the resolution of the tensors given (352 x 352 in the paper), not at
-    the original image resolution. AP uses today's `scipy.integrate.simpson`; the original used
-    `simps` from scipy < 1.11, whose rule for an even number of curve points differed, so AP can
-    differ from the original's by a few thousandths when the curve has an even number of points
-    (it agrees exactly for an odd number, e.g. 49 distinct points).
+    the original image resolution. AP integrates with the rule of `scipy.integrate.simps` as the
+    original called it (scipy < 1.11, `even="avg"`): composite Simpson for an odd number of curve
+    points; for an even number, the mean of (Simpson on all but the last interval + trapezoid on
+    it) and (trapezoid on the first interval + Simpson on the rest). Today's `simpson` handles the
+    even case differently, which would move AP by up to a few thousandths.
 
 Official PhraseCut protocol (`utils/evaluator.py` and `utils/iou.py` of the PhraseCut repository)
     Each task's binarised prediction is compared with its ground truth at the original image
@@ -58,6 +59,8 @@ THRESHOLDS: np.ndarray = np.linspace(0, 1, 51)[1:-1]
 
 # IoU levels of the official PhraseCut "mask accuracy" (printed as acc0.5 ... acc0.9 there).
 OFFICIAL_IOU_THRESHOLDS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+# The probability at which predictions are binarised for the official protocol (the CLIPSeg paper's t).
+OFFICIAL_THRESHOLD = 0.3
 
 # Column order of the last axis of every confusion-count tensor.
 TP, FP, FN, TN = 0, 1, 2, 3
@@ -202,7 +205,18 @@ def clipseg_average_precision(summed_counts: np.ndarray) -> float:
     if len({recall for recall, _ in curve}) < 2:
         return float("nan")
     recalls, precisions = zip(*curve, strict=True)
-    return float(simpson(precisions, x=recalls))
+    return simpson_as_original(np.asarray(precisions), np.asarray(recalls))
+
+
+def simpson_as_original(y: np.ndarray, x: np.ndarray) -> float:
+    """Simpson's rule as `scipy.integrate.simps(y, x)` computed it before scipy 1.11 (`even="avg"`)."""
+    if len(y) % 2:
+        return float(simpson(y, x=x))
+    first = simpson(y[:-1], x=x[:-1]) if len(y) > 2 else 0.0
+    last = simpson(y[1:], x=x[1:]) if len(y) > 2 else 0.0
+    with_last_trapezoid = first + 0.5 * (x[-1] - x[-2]) * (y[-1] + y[-2])
+    with_first_trapezoid = 0.5 * (x[1] - x[0]) * (y[1] + y[0]) + last
+    return float(0.5 * (with_last_trapezoid + with_first_trapezoid))
 
 
 def _index_of(value: float, thresholds: np.ndarray) -> int:

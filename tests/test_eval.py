@@ -131,7 +131,10 @@ def test_a_split_that_was_not_prepared_is_named(tmp_path, saved_models):
     load_phrasecut(data, cache_dir=tmp_path / "c", splits=["train"])["train"].to_parquet(
         str(export / "data" / "train-00000-of-00001.parquet")
     )
-    with pytest.raises(run_eval.EvaluationError, match="--split 'test' was not prepared"):
+    with pytest.raises(
+        run_eval.EvaluationError,
+        match="--split 'test': --dataset_name .* has no prepared split 'test' \\(it has \\['train'\\]\\)",
+    ):
         run_eval.main(
             [
                 "--model",

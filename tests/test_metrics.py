@@ -22,6 +22,7 @@ from clipseg_tools.metrics import (
     markdown_table,
     official_phrasecut_metrics,
     per_sample_iou,
+    simpson_as_original,
     threshold_curves,
 )
 
@@ -184,6 +185,28 @@ def test_curves_and_failures():
 # ---------------------------------------------------------------- CLIPSeg protocol, naive re-computation
 
 
+def old_scipy_simps(y: np.ndarray, x: np.ndarray) -> float:
+    """scipy < 1.11 `simps(y, x)` with its default even="avg", as the original CLIPSeg code called it."""
+    if len(y) % 2 == 1:
+        return simpson(y, x=x)
+    first = (simpson(y[:-1], x=x[:-1]) if len(y) > 2 else 0) + (x[-1] - x[-2]) * (y[-1] + y[-2]) / 2
+    last = (x[1] - x[0]) * (y[1] + y[0]) / 2 + (simpson(y[1:], x=x[1:]) if len(y) > 2 else 0)
+    return (first + last) / 2
+
+
+def test_average_precision_uses_the_original_rule_for_an_even_number_of_points():
+    # Four points: Simpson on three + a trapezoid, averaged both ways, worked out by hand.
+    x = np.array([0.0, 0.1, 0.2, 0.4])
+    y = np.array([1.0, 0.9, 0.6, 0.2])
+    simpson_first = 0.1 / 3 * (1.0 + 4 * 0.9 + 0.6)  # equal spacing on the first three
+    trapezoid_last = 0.2 * (0.6 + 0.2) / 2
+    trapezoid_first = 0.1 * (1.0 + 0.9) / 2
+    simpson_last = simpson(y[1:], x=x[1:])  # uneven spacing: scipy's composite rule
+    expected = 0.5 * (simpson_first + trapezoid_last + trapezoid_first + simpson_last)
+    assert simpson_as_original(y, x) == pytest.approx(expected)
+    assert simpson_as_original(y[:3], x[:3]) == pytest.approx(simpson_first)
+
+
 def naive_clipseg_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     """Straightforward loops over samples and thresholds, as the original code reads."""
     per_sample = []
@@ -207,7 +230,7 @@ def naive_clipseg_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
         "miou_best_threshold": THRESHOLDS[int(np.argmax(miou))],
         "fgiou_best": max(fgiou),
         "fgiou_best_threshold": THRESHOLDS[int(np.argmax(fgiou))],
-        "ap": simpson(precisions, x=recalls),
+        "ap": old_scipy_simps(np.array(precisions), np.array(recalls)),
         "num_samples": len(probs),
     }
 
