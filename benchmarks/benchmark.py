@@ -12,7 +12,9 @@ Cases:
 - inference:     forward only, one phrase per image;
 - prompts_K:     K phrases per image, forward (transformers repeats each image K times, as it must);
 - train_step_K:  the training step with K phrases per image;
-- loop:          (with --data_dir) the whole training loop of run_train.py's pieces, data loading included.
+- loop:          training steps fed by the project's data pipeline (JPEG decode once per image, masks,
+                 crop, collate; --num_workers processes) from a prepared synthetic PhraseCut with images of
+                 real PhraseCut's size, against the bare step on the same batch size.
 The logits of both models are compared once per case (max abs difference).
 """
 
@@ -50,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--cases", nargs="+", default=["train_step", "inference", "prompts_K", "train_step_K"]
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile our vision tower")
+    parser.add_argument("--num_workers", type=int, default=2, help="data-loading processes for the loop case")
+    parser.add_argument("--loop_steps", type=int, default=4)
+    parser.add_argument(
+        "--data_dir", help="PhraseCut folder for the loop case (default: synthetic, written once)"
+    )
     parser.add_argument("--output", default=None, help="JSON file for the results")
     return parser.parse_args(argv)
 
@@ -135,6 +142,58 @@ def forward_fn(model, call, batch, autocast):
     return forward
 
 
+def loop_rate(args, model, call, device, autocast, phrases_per_image: int) -> float:
+    """Pairs per second of training steps whose batches come from the project's data pipeline."""
+    import tempfile
+    from functools import partial
+
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, collate_training
+    from clipseg_tools.data import load_splits
+    from clipseg_tools.demo import demo_words
+    from clipseg_tools.tiny_clip import build_word_tokenizer
+    from phrasecut_dataset import write_synthetic_phrasecut
+
+    scratch = Path(tempfile.gettempdir()) / "clipseg_benchmark"
+    data_dir = args.data_dir or scratch / "data"
+    if not args.data_dir and not (scratch / "data" / "image_data_split.json").is_file():
+        write_synthetic_phrasecut(
+            data_dir, {"train": 400}, seed=0, min_size=375, max_size=500, overwrite=True
+        )
+    split = load_splits(["train"], data_dir=str(data_dir), cache_dir=str(scratch / "cache"))["train"]
+    tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer", max_length=args.text_length)
+    options = TrainingOptions(image_size=352, phrases_per_image=phrases_per_image, prompt_template="plain")
+    samples = TrainingSamples(split, PhraseIndex.from_dataset(split), options)
+    loader = DataLoader(
+        samples,
+        batch_size=args.batch_size,
+        sampler=RandomSampler(samples, generator=torch.Generator().manual_seed(0)),
+        num_workers=args.num_workers,
+        drop_last=True,
+        collate_fn=partial(collate_training, tokenizer=tokenizer, max_length=args.text_length),
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    batches = iter(loader)
+    pairs, start = 0, None
+    for step in range(args.warmup + args.loop_steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        with autocast():
+            loss = call(model, batch, True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pairs += batch["labels"].shape[0] if step >= args.warmup else 0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return pairs / (time.perf_counter() - start)
+
+
 def max_logit_difference(ours, theirs, batch, autocast) -> float:
     with torch.no_grad(), autocast():
         a = ours_call(ours.eval(), batch, False).logits.float()
@@ -190,6 +249,8 @@ def main(argv=None) -> dict:
         "transformers": forward_flops_per_image(theirs, theirs_call, batch1) / 1e9,
     }
     for case in wanted:
+        if case == "loop":
+            continue
         per_image, make = plans[case]
         batch = inputs(args, device, per_image)
         pairs = batch["input_ids"].shape[0]
@@ -206,9 +267,36 @@ def main(argv=None) -> dict:
             "max_abs_logit_difference": max_logit_difference(ours, theirs, batch, autocast),
         }
         print_row(case, results["cases"][case])
+    if "loop" in wanted:
+        results["cases"]["loop"] = loop_case(args, ours, theirs, device, autocast, results["cases"])
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2))
     return results
+
+
+def loop_case(args, ours, theirs, device, autocast, cases) -> dict:
+    """The data-fed loop of both models; ours also as a fraction of its bare step rate."""
+    row = {
+        "phrases_per_image": 1,
+        "ours_pairs_per_second": loop_rate(args, ours, ours_call, device, autocast, 1),
+        "transformers_pairs_per_second": loop_rate(args, theirs, theirs_call, device, autocast, 1),
+    }
+    row["speedup"] = row["ours_pairs_per_second"] / row["transformers_pairs_per_second"]
+    if "train_step" in cases:
+        row["ours_fraction_of_bare_step"] = (
+            row["ours_pairs_per_second"] / cases["train_step"]["ours_pairs_per_second"]
+        )
+    print(
+        f"{'loop':>14}: ours {row['ours_pairs_per_second']:8.2f} pairs/s | transformers "
+        f"{row['transformers_pairs_per_second']:8.2f} pairs/s | x{row['speedup']:.2f}"
+        + (
+            f" | ours at {row['ours_fraction_of_bare_step']:.0%} of its bare step"
+            if "ours_fraction_of_bare_step" in row
+            else ""
+        ),
+        flush=True,
+    )
+    return row
 
 
 def print_row(case: str, row: dict) -> None:

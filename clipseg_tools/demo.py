@@ -2,10 +2,12 @@
 
 Without network access there are no CLIP weights and no PhraseCut, so the demo makes both:
 1. a synthetic PhraseCut in the real on-disk format (the project's writer);
-2. a small CLIP with a locally made tokenizer, given a short contrastive pre-training on object crops and
-   their phrases from the synthetic training images (a random CLIP gives the decoder little to read).
-Both are cached, so later runs start training at once. Then the normal training path runs, with a
-recipe scaled to a 2-core CPU, evaluates on the held-out synthetic test images and saves sample pictures.
+2. a small CLIP built from a config, with a CLIP tokenizer made locally for the synthetic words, given a
+   short contrastive pre-training (CLIP's own objective) on single shapes captioned "<colour> <shape>".
+   A random frozen CLIP gives the decoder little to read: with it the same recipe needs ~1,500 steps to
+   reach a foreground IoU of about 0.5; pre-trained for about a minute, 1,000 steps pass 0.5.
+Both are cached, so later runs start training at once. Then the normal training path runs, with a recipe
+scaled to a 2-core CPU, evaluates on the held-out synthetic test images and saves sample pictures.
 """
 
 from __future__ import annotations
@@ -21,26 +23,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from phrasecut_dataset import (
-    decode_image,
-    image_to_tensor,
-    load_phrasecut,
-    synthetic_vocabulary,
-    write_synthetic_phrasecut,
-)
+from phrasecut_dataset import decode_image, image_to_tensor, synthetic_vocabulary, write_synthetic_phrasecut
+from phrasecut_dataset.synthetic import single_object_images
 
 from .prompts import TEMPLATES
 from .tiny_clip import build_word_tokenizer, tiny_clip_configs
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_SPLITS = {"val": 100, "test": 200}
 CLIP_SETTINGS = dict(width=96, layers=4, heads=4, patch_size=8, pretrain_image_size=64, max_positions=24)
-PRETRAIN = dict(steps=400, batch_size=128, learning_rate=2e-3, crop_size=64, seed=0)
+PRETRAIN = dict(images=4000, steps=300, batch_size=128, learning_rate=1e-3, warmup_steps=30, seed=0)
 
-# The recipe the demo trains with (what a 2-core CPU can do in a few minutes); everything else is the
+# The recipe the demo trains with (what a 2-core CPU does in a few minutes); everything else is the
 # script's defaults. Real training keeps the paper's recipe.
 DEMO_RECIPE = dict(
     image_size=128,
@@ -49,17 +45,17 @@ DEMO_RECIPE = dict(
     extract_layers=[1, 2, 3],
     plain_head=False,
     decoder_dropout=0.0,
-    init_output_bias=-2.5,
+    init_output_bias=-2.5,  # the foreground prior: the decoder need not first learn "mostly background"
     per_device_train_batch_size=32,
-    phrases_per_image=2,
-    max_train_steps=700,
+    phrases_per_image=1,
+    max_train_steps=1000,
     learning_rate=5e-3,
     min_learning_rate=1e-4,
     num_warmup_steps=50,
     weight_decay=1e-4,
     prompt_template="plain",
     dataloader_num_workers=1,
-    checkpointing_steps=350,
+    checkpointing_steps=500,
     eval_steps=0,
     max_eval_images=0,
     per_device_eval_batch_size=16,
@@ -80,99 +76,88 @@ def prepare_demo(args: argparse.Namespace) -> argparse.Namespace:
         write_synthetic_phrasecut(
             data_dir, {"train": args.demo_images, **DEMO_SPLITS}, seed=0, overwrite=True
         )
-    clip_dir = root / f"clip_{_clip_key(args.demo_images)}"
+    clip_dir = root / f"clip_{_clip_key()}"
     if not (clip_dir / "model.safetensors").is_file():
-        pretrain_small_clip(data_dir, clip_dir, root / "prepared")
+        build_small_clip(clip_dir)
     for key, value in DEMO_RECIPE.items():
         setattr(args, key, value)
     args.data_dir, args.dataset_name = str(data_dir), None
     args.cache_dir = str(root / "prepared")
     args.clip_model_name_or_path = str(clip_dir)
     args.card_notes = (
-        "**Demo model.** Trained by `python run_train.py --demo` on synthetic images of coloured shapes with a "
-        "small CLIP pre-trained on the same synthetic data: it shows the pipeline works end to end and "
+        "**Demo model.** Trained by `python run_train.py --demo` on synthetic images of coloured shapes, on a "
+        "small CLIP pre-trained for a minute on synthetic shapes: it shows the pipeline works end to end and "
         "learns; it is not a useful segmentation model for real photos."
     )
     return args
 
 
-def _clip_key(num_images: int) -> str:
-    settings = json.dumps([DEMO_VERSION, num_images, CLIP_SETTINGS, PRETRAIN], sort_keys=True)
+def _clip_key() -> str:
+    settings = json.dumps([DEMO_VERSION, CLIP_SETTINGS, PRETRAIN, demo_words()], sort_keys=True)
     return hashlib.sha1(settings.encode()).hexdigest()[:10]
 
 
 def demo_words() -> list[str]:
+    """The synthetic phrases' words plus those of the prompt templates: one token each."""
     template_words = {w.strip(".{}") for t in TEMPLATES["shuffle+"] for w in t.split()}
     return sorted(set(synthetic_vocabulary()) | {w for w in template_words if w})
 
 
-def object_crops(train_split: Any, crop_size: int) -> tuple[torch.Tensor, list[str]]:
-    """One crop per single-instance task (the object with some context) and its phrase."""
-    crops, phrases = [], []
-    for row in train_split:
-        image = decode_image(row["image"])
-        for task in row["tasks"]:
-            if len(task["instance_boxes"]) != 1:
-                continue
-            x, y, w, h = task["instance_boxes"][0]
-            cx, cy, half = x + w / 2, y + h / 2, 0.75 * max(w, h)
-            box = (int(cx - half), int(cy - half), int(cx + half), int(cy + half))
-            crops.append(image_to_tensor(image.crop(box).resize((crop_size, crop_size), Image.BILINEAR)))
-            phrases.append(task["phrase"])
-    return torch.stack(crops), phrases
-
-
-def pretrain_small_clip(data_dir: Path, clip_dir: Path, cache_dir: Path) -> None:
-    """Contrastive pre-training (CLIP's objective, phrases with the same text count as matches)."""
+def build_small_clip(clip_dir: Path) -> None:
+    """A small CLIP from a config, pre-trained briefly, saved like a Hub checkpoint (config, weights,
+    tokenizer); written to a temporary folder first, then renamed."""
     from transformers import CLIPConfig, CLIPModel
 
     start = time.perf_counter()
-    tokenizer = build_word_tokenizer(demo_words(), clip_dir, max_length=CLIP_SETTINGS["max_positions"])
-    configs = tiny_clip_configs(tokenizer, **CLIP_SETTINGS)
+    partial_dir = clip_dir.with_name(clip_dir.name + ".partial")
+    tokenizer = build_word_tokenizer(demo_words(), partial_dir, max_length=CLIP_SETTINGS["max_positions"])
     torch.manual_seed(PRETRAIN["seed"])
-    clip = CLIPModel(CLIPConfig(**configs))
-    train = load_phrasecut(data_dir, cache_dir=cache_dir, splits=["train"])["train"]
-    crops, phrases = object_crops(train, PRETRAIN["crop_size"])
-    tokens = tokenizer(phrases, padding=True, return_tensors="pt")
-    print(f"Pre-training the small CLIP on {len(phrases)} object crops ({PRETRAIN['steps']} steps) ...")
+    clip = CLIPModel(CLIPConfig(**tiny_clip_configs(tokenizer, **CLIP_SETTINGS)))
+    print(f"Pre-training the small CLIP ({PRETRAIN['steps']} contrastive steps on synthetic shapes) ...")
+    loss = pretrain_contrastive(clip, tokenizer)
+    clip.save_pretrained(partial_dir)
+    tokenizer.save_pretrained(partial_dir)
+    os.replace(partial_dir, clip_dir)
+    print(
+        f"Small CLIP ready in {time.perf_counter() - start:.0f} s (contrastive loss {loss:.2f}): {clip_dir}"
+    )
+
+
+def pretrain_contrastive(clip: Any, tokenizer: Any) -> float:
+    """CLIP's symmetric contrastive loss; captions that are equal count as matches. Returns the last loss."""
+    images, captions = single_object_images(
+        PRETRAIN["images"], seed=PRETRAIN["seed"], size=CLIP_SETTINGS["pretrain_image_size"]
+    )
+    pixels = torch.stack([image_to_tensor(image) for image in images])
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    caption_ids = torch.from_numpy(np.unique(captions, return_inverse=True)[1])
     optimizer = torch.optim.AdamW(clip.parameters(), lr=PRETRAIN["learning_rate"], weight_decay=0.1)
-    rng = np.random.default_rng(PRETRAIN["seed"])
-    phrase_ids = np.unique(phrases, return_inverse=True)[1]
+    steps, warmup = PRETRAIN["steps"], PRETRAIN["warmup_steps"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * (s + 1) / steps))
+    )
+    generator = torch.Generator().manual_seed(PRETRAIN["seed"])
     clip.train()
-    loss = torch.tensor(float("nan"))
-    for step in range(PRETRAIN["steps"]):
-        pick = torch.from_numpy(rng.choice(len(phrases), size=PRETRAIN["batch_size"], replace=False))
+    for _ in range(steps):
+        pick = torch.randperm(len(captions), generator=generator)[: PRETRAIN["batch_size"]]
         out = clip(
             input_ids=tokens["input_ids"][pick],
             attention_mask=tokens["attention_mask"][pick],
-            pixel_values=crops[pick],
+            pixel_values=pixels[pick],
         )
-        same = torch.from_numpy(
-            phrase_ids[pick.numpy()][:, None] == phrase_ids[pick.numpy()][None, :]
-        ).float()
+        same = (caption_ids[pick, None] == caption_ids[None, pick]).float()
         target = same / same.sum(1, keepdim=True)
         logits = out.logits_per_image
         loss = -0.5 * (
-            (target * F.log_softmax(logits, 1)).sum(1).mean()
-            + (target * F.log_softmax(logits.t(), 1)).sum(1).mean()
+            (target * logits.log_softmax(1)).sum(1).mean()
+            + (target * logits.t().log_softmax(1)).sum(1).mean()
         )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        for group in optimizer.param_groups:
-            group["lr"] = (
-                PRETRAIN["learning_rate"] * 0.5 * (1 + math.cos(math.pi * (step + 1) / PRETRAIN["steps"]))
-            )
+        schedule.step()
     clip.eval()
-    partial_dir = clip_dir.with_name(clip_dir.name + ".partial")
-    clip.save_pretrained(partial_dir)
-    tokenizer.save_pretrained(partial_dir)
-    for item in partial_dir.iterdir():
-        os.replace(item, clip_dir / item.name)
-    partial_dir.rmdir()
-    print(
-        f"Small CLIP ready in {time.perf_counter() - start:.0f} s (final contrastive loss {loss.item():.3f}): {clip_dir}"
-    )
+    return float(loss)
 
 
 def save_sample_predictions(

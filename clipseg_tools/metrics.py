@@ -283,10 +283,12 @@ class ThresholdSweep:
     One row of counts is kept per sample (with its integer id, e.g. the dataset row), so that mIoU,
     per-sample IoU and the failure gallery can be computed at the end.
 
-    With Accelerate, pass the accelerator to `update`: each batch's counts are gathered with
-    `gather_for_metrics`, which drops the duplicates padded into the last batch, so every process
-    ends with every sample exactly once. Counts already gathered by other means go to `add_counts`,
-    and sweeps built separately combine with `merge`.
+    With Accelerate and a prepared dataloader whose items are single samples (one map each), pass the
+    accelerator to `update`: each batch's counts are gathered with `gather_for_metrics`, which drops
+    the duplicates padded into the last batch, so every process ends with every sample exactly once.
+    Loaders whose items carry a varying number of samples (an image with all its phrases, as in
+    `clipseg_tools.evaluation`) gather their counts themselves and use `add_counts`; sweeps built
+    separately combine with `merge`.
 
     Example:
         sweep = ThresholdSweep()

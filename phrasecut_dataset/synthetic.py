@@ -237,6 +237,23 @@ def _render(rng: np.random.Generator, width: int, height: int, shapes: list[_Sha
     return image
 
 
+def single_object_images(count: int, seed: int = 0, size: int = 64) -> tuple[list[Image.Image], list[str]]:
+    """`count` images of one shape each on the writer's backgrounds, captioned "<colour> <shape>" (pairs for
+    pre-training a small CLIP on the same visual world as the synthetic dataset)."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for _ in range(count):
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        radius = size * rng.uniform(0.2, 0.42)
+        cx, cy = size * (0.5 + rng.uniform(-0.12, 0.12)), size * (0.5 + rng.uniform(-0.12, 0.12))
+        points = _outline(cx, cy, radius, shape, rng.uniform(0, 360))
+        image = Image.fromarray(_background(rng, size, size))
+        ImageDraw.Draw(image).polygon([(float(x), float(y)) for x, y in points], fill=COLOURS[colour])
+        images.append(image)
+        captions.append(f"{colour} {shape}")
+    return images, captions
+
+
 # -- phrases -------------------------------------------------------------------------------------------
 
 
