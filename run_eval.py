@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=OFFICIAL_THRESHOLD,
         help="probability threshold for the official protocol",
     )
-    parser.add_argument("--bf16", action="store_true", help="evaluate under bf16 autocast (the paper used float32)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="evaluate under bf16 autocast (the paper used float32)"
+    )
     parser.add_argument("--output_dir", default="eval_results")
     parser.add_argument(
         "--gallery_max", type=int, default=100, help="failure pictures per model (0: no gallery)"

@@ -248,6 +248,11 @@ def main(argv=None) -> dict:
         "ours": forward_flops_per_image(ours, ours_call, batch1) / 1e9,
         "transformers": forward_flops_per_image(theirs, theirs_call, batch1) / 1e9,
     }
+    flops = results["forward_gflops_per_image"]
+    print(
+        f"forward GFLOP per image: ours {flops['ours']:.1f}, transformers {flops['transformers']:.1f}",
+        flush=True,
+    )
     for case in wanted:
         if case == "loop":
             continue

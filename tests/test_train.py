@@ -45,9 +45,13 @@ def run_script(args, timeout=600, env_extra=None, launcher=None):
 def test_short_training_learns_and_its_outputs_reload_offline(tmp_path, synthetic_data, tiny_clip_dir):
     out = tmp_path / "out"
     result = run_script(
-        train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "30", "--learning_rate", "3e-3")
-    )
+        train_args(
+            synthetic_data, tiny_clip_dir, out, "--max_train_steps", "30", "--learning_rate", "3e-3",
+            "--with_tracking", "--report_to", "tensorboard",
+        )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+    assert list(out.rglob("events.out.tfevents.*")), "--with_tracking --report_to tensorboard wrote no events"
     losses = [
         entry["train_loss"] for entry in json.loads((out / "training_log.json").read_text())["log_history"]
     ]
@@ -250,3 +254,36 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     result = run_script(train_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "out"))
     assert result.returncode == 2
     assert "--data_dir" in result.stderr and "nowhere" in result.stderr
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_clip_dir):
+    import argparse
+
+    import torch
+    from accelerate import Accelerator
+
+    import run_train
+    from modeling_clipseg_custom import ClipSegCustomModel
+
+    model = ClipSegCustomModel.from_clip(
+        str(tiny_clip_dir), image_size=32, reduce_dim=16, extract_layers=[0, 1]
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "input_ids": torch.tensor([[0, 5, 6, 1], [0, 7, 1, 1]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+        "image_index": torch.tensor([0, 1]),
+        "labels": torch.full((2, 32, 32), float("nan")),  # a broken target: the loss is NaN
+    }
+    args = argparse.Namespace(max_grad_norm=None, max_nonfinite_losses=1)
+    state = {"step": 4, "nonfinite_losses": 0}
+    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state) is None
+    assert state["nonfinite_losses"] == 1
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())  # not trained on
+    with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state)
