@@ -384,7 +384,7 @@ def model_source(args: argparse.Namespace) -> str:
 
 
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k not in ("hub_token",)}
+    config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "card_notes")}
     config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
     config["total_batch_size"] = (
         args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
