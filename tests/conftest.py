@@ -17,6 +17,12 @@ if str(REPO_ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 
+def two_process_launcher(port: int) -> list[str]:
+    """`accelerate launch` with two processes on the CPU (the spelling that really starts two)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(port)]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """A small synthetic PhraseCut in the real layout (the project's writer)."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import two_process_launcher  # noqa: E402
 from PIL import Image
 from transformers import AutoTokenizer
 
@@ -84,16 +85,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, synthetic_data, saved_m
         "--batch_size", "2",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29519",
-    ]
+    launch = two_process_launcher(29519)
     two = subprocess.run(
         launch + [str(REPO_ROOT / "run_eval.py"), *common, "--output_dir", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,

@@ -11,9 +11,18 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import two_process_launcher  # noqa: E402
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What a saved model folder must hold: weights, config, the code for trust_remote_code, the card.
+SAVED_MODEL_FILES = {
+    "config.json",
+    "model.safetensors",
+    "modeling_clipseg_custom.py",
+    "configuration.py",
+    "README.md",
+}
 
 
 def train_args(data_dir, clip_dir, output_dir, *extra):
@@ -62,13 +71,7 @@ def test_short_training_learns_and_its_outputs_reload_offline(tmp_path, syntheti
     assert results["train_steps"] == 30 and results["num_processes"] == 1
     assert results["eval_samples"] > 0 and 0 <= results["eval_fgiou_0.3"] <= 1
     files = {p.name for p in out.iterdir()}
-    assert {
-        "config.json",
-        "model.safetensors",
-        "modeling_clipseg_custom.py",
-        "configuration.py",
-        "README.md",
-    } <= files
+    assert SAVED_MODEL_FILES <= files
     assert {"processor_config.json", "tokenizer.json", "all_results.json"} <= files
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_30"]
 
@@ -153,16 +156,7 @@ def test_two_processes_on_cpu_train_together_and_score_each_sample_once(
     tmp_path, synthetic_data, tiny_clip_dir
 ):
     out = tmp_path / "ddp"
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "29517",
-    ]
+    launcher = two_process_launcher(29517)
     result = run_script(
         train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "6"), launcher=launcher
     )
@@ -217,13 +211,7 @@ def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_
         run_train.push_output(args, out)
     assert sent["repo"] == "someone/clipseg-demo"
     names = set(sent["files"])
-    assert {
-        "config.json",
-        "model.safetensors",
-        "modeling_clipseg_custom.py",
-        "configuration.py",
-        "README.md",
-    } <= names
+    assert SAVED_MODEL_FILES <= names
     assert {"processor_config.json", "tokenizer.json", "all_results.json", "training_log.json"} <= names
     assert not any(name.startswith("checkpoints/") for name in names)
     card = ModelCard(Path(sent["files"]["README.md"]).read_text())  # as uploaded: its metadata parses
