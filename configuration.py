@@ -30,6 +30,9 @@ SHARED_CLIPSEG_FIELDS = (
 )
 
 
+SUB_CONFIGS = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+
+
 def refined_head_strides(patch_size: int) -> tuple[int, int]:
     """Strides of the refined head's two transposed convolutions; together they upsample by `patch_size`.
 
@@ -62,7 +65,7 @@ class ClipSegCustomConfig(PretrainedConfig):
     """
 
     model_type = "clipseg_custom"
-    sub_configs_defaults = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
+    sub_configs_defaults = SUB_CONFIGS
 
     text_config: dict | CLIPTextConfig | None = None
     vision_config: dict | CLIPVisionConfig | None = None
@@ -80,6 +83,10 @@ class ClipSegCustomConfig(PretrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         if self.vision_config is None:
             self.vision_config = dict(VIT_B16_VISION)
+        for key, config_class in SUB_CONFIGS.items():  # done here too for transformers before 5.2x
+            value = getattr(self, key)
+            if value is None or isinstance(value, dict):
+                setattr(self, key, config_class(**(value or {})))
         self.extract_layers = [int(layer) for layer in self.extract_layers]
         super().__post_init__(**kwargs)
         self.check_values()
@@ -192,3 +199,7 @@ def _without_bookkeeping(config_dict: dict) -> dict:
 
 
 __all__ = ["ClipSegCustomConfig", "refined_head_strides"]
+
+
+if "sub_configs_defaults" not in vars(PretrainedConfig):  # older transformers 5 read nested configs from here
+    ClipSegCustomConfig.sub_configs = SUB_CONFIGS

@@ -10,7 +10,9 @@ What differs from transformers' `CLIPSegForImageSegmentation` (same weights, sam
   after the last extracted block;
 - the refined head upsamples by the patch size for any patch size, not only 16;
 - the decoder has the original's dropout for training;
-- non-square inputs work (the token grid is taken from the input size).
+- non-square inputs work (the token grid is taken from the input size);
+- the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`) and be compiled (`compile_backbone`);
+- no host-device synchronisation in the forward pass when `image_index` is already on the accelerator.
 
 State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
 from `configuration.py` (relatively, as `trust_remote_code` needs), torch and transformers.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +235,25 @@ class ClipSegCustomModel(PreTrainedModel):
         self.clip.requires_grad_(False)
         self.clip.eval()
 
+    def cast_backbone(self, dtype: torch.dtype) -> ClipSegCustomModel:
+        """Keep the frozen CLIP in `dtype` (e.g. bfloat16): it then computes purely in that precision, outside
+        any autocast, with half the memory traffic of autocast's float32 norms and residuals. The decoder
+        keeps its own dtype (float32 master weights for training). Irreversible for the CLIP weights: save
+        a model trained this way with its original float32 backbone (run_train.py does)."""
+        self.clip.to(dtype)
+        return self
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.clip.logit_scale.dtype
+
+    def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
+        """`torch.compile` the frozen towers' forward passes (vision blocks and text features); the decoder
+        stays eager. Options go to `torch.compile` (e.g. mode="max-autotune-no-cudagraphs")."""
+        self.vision_activations = torch.compile(self.vision_activations, **compile_options)
+        self.text_embeddings = torch.compile(self.text_embeddings, **compile_options)
+        return self
+
     def train(self, mode: bool = True) -> ClipSegCustomModel:
         super().train(mode)
         self.clip.eval()  # the frozen backbone always runs in inference mode
@@ -278,15 +300,24 @@ class ClipSegCustomModel(PreTrainedModel):
     def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the extracted vision blocks, `[I, 1 + h*w, width]` each; stops after the last one."""
         vision = self.clip.vision_model
-        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
-        hidden = vision.pre_layrnorm(hidden)
-        wanted = self.config.extract_layers
-        found = {}
-        for index, block in enumerate(vision.encoder.layers[: wanted[-1] + 1]):
-            hidden = block(hidden, None)
-            if index in wanted:
-                found[index] = hidden
+        with self._backbone_precision(pixel_values.device):
+            pixel_values = pixel_values.to(self.backbone_dtype)
+            hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+            hidden = vision.pre_layrnorm(hidden)
+            wanted = self.config.extract_layers
+            found = {}
+            for index, block in enumerate(vision.encoder.layers[: wanted[-1] + 1]):
+                hidden = block(hidden, None)
+                if index in wanted:
+                    found[index] = hidden
         return [found[index] for index in wanted]
+
+    def _backbone_precision(self, device: torch.device) -> Any:
+        """A low-precision backbone computes in its own dtype: autocast would redo its norms and residual
+        stream in float32. A float32 backbone follows the caller's autocast, as any module."""
+        if self.backbone_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, enabled=False)
 
     @torch.no_grad()
     def text_embeddings(
@@ -294,15 +325,18 @@ class ClipSegCustomModel(PreTrainedModel):
     ) -> torch.Tensor:
         """CLIP text embeddings `[P, projection_dim]`; phrases longer than the text tower are truncated."""
         input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
-        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        with self._backbone_precision(input_ids.device):
+            features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return features.pooler_output
 
     @torch.no_grad()
     def image_embeddings(self, conditional_pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings `[P, projection_dim]` of example images (visual prompts)."""
         self._check_pixels(conditional_pixel_values, "conditional_pixel_values")
-        features = self.clip.get_image_features(
-            pixel_values=conditional_pixel_values, interpolate_pos_encoding=True
-        )
+        with self._backbone_precision(conditional_pixel_values.device):
+            features = self.clip.get_image_features(
+                pixel_values=conditional_pixel_values.to(self.backbone_dtype), interpolate_pos_encoding=True
+            )
         return features.pooler_output
 
     def forward(
@@ -339,6 +373,10 @@ class ClipSegCustomModel(PreTrainedModel):
         image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
 
         activations = self.vision_activations(pixel_values)
+        decoder_dtype = self.decoder.film_mul.weight.dtype
+        if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
+            activations = [activation.to(decoder_dtype) for activation in activations]
+            conditional_embeddings = conditional_embeddings.to(decoder_dtype)
         patch = self.config.vision_config.patch_size
         grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
         logits = self.decoder(activations, conditional_embeddings, image_index, grid)
@@ -418,17 +456,21 @@ class ClipSegCustomModel(PreTrainedModel):
                     "each prompt belongs to"
                 )
             return None
-        image_index = torch.as_tensor(image_index, device=device)
+        image_index = torch.as_tensor(image_index)
         if image_index.shape != (num_prompts,) or image_index.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"image_index must be an integer tensor of shape [{num_prompts}] (one entry per prompt), "
                 f"got {image_index.dtype} {tuple(image_index.shape)}"
             )
+        if image_index.device.type != "cpu":
+            # Reading values back would stall an accelerator's queue every step; build image_index on the
+            # CPU to have it checked (an index out of range on the device fails in the gather instead).
+            return image_index.to(device)
         if num_prompts and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
             raise ValueError(f"image_index values must lie in [0, {num_images - 1}] for {num_images} images")
-        if num_prompts == num_images and torch.equal(image_index, torch.arange(num_images, device=device)):
+        if num_prompts == num_images and torch.equal(image_index, torch.arange(num_images)):
             return None  # one prompt per image in order: no gather needed
-        return image_index
+        return image_index.to(device)
 
     def _fit_text_length(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
@@ -498,9 +540,7 @@ class ClipSegCustomModel(PreTrainedModel):
         device = self.device
         pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         flat_prompts = [prompt for prompts in prompt_lists for prompt in prompts]
-        image_index = torch.tensor(
-            [i for i, prompts in enumerate(prompt_lists) for _ in prompts], dtype=torch.long, device=device
-        )
+        image_index = torch.tensor([i for i, prompts in enumerate(prompt_lists) for _ in prompts])
         embeddings = self._embed_prompts(flat_prompts, processor)
         logits = self(
             pixel_values=pixel_values.to(device, self.dtype),

@@ -39,12 +39,14 @@ from clipseg_tools.batching import (
     TrainingOptions,
     TrainingSamples,
     collate_training,
+    model_inputs,
 )
 from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+from phrasecut_dataset import shrink_images
 
 logger = get_logger(__name__)
 
@@ -85,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="when preparing --data_dir, skip (and count) broken entries",
     )
     data.add_argument("--dataloader_num_workers", type=int, default=4)
+    data.add_argument(
+        "--shrink_train_images",
+        action="store_true",
+        help="store the training images once at the model's size (short side --image_size, polygons scaled): "
+        "a smaller JPEG decode and no resize per sample, for GPUs faster than the CPUs can decode",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="fine-tune a checkpoint of ours or a CIDAS one")
@@ -102,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--plain_head", action="store_true", help="one transposed convolution, not the refined head"
     )
     model.add_argument("--decoder_dropout", type=float, default=0.1)
+    model.add_argument(
+        "--backbone_dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype the frozen CLIP computes in during training (auto: the mixed precision's, else float32); "
+        "the saved model keeps the starting float32 CLIP",
+    )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the frozen CLIP towers (the decoder stays eager)",
+    )
     model.add_argument(
         "--init_output_bias",
         type=float,
@@ -294,6 +314,21 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
     return model, processor
 
 
+def resolve_backbone_dtype(choice: str, mixed_precision: str) -> torch.dtype:
+    """--backbone_dtype: 'auto' follows the mixed precision (the frozen CLIP needs no float32 master copy)."""
+    if choice == "auto":
+        choice = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
+    return getattr(torch, choice)
+
+
+def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any) -> ClipSegCustomModel:
+    """The trained decoder on the starting checkpoint's float32 CLIP (a low-precision copy trained it):
+    what is scored, saved and pushed."""
+    fresh, _ = build_model(args)
+    fresh.decoder.load_state_dict(accelerator.unwrap_model(model).decoder.state_dict())
+    return fresh.to(accelerator.device).eval()
+
+
 def lr_lambda(step: int, args: argparse.Namespace) -> float:
     """Multiplier of the learning rate: optional linear warm-up, then cosine (or linear) down to the floor."""
     if step < args.num_warmup_steps:
@@ -471,6 +506,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         splits[canonical_split(args.train_split)],
         splits[canonical_split(args.validation_split)],
     )
+    if args.shrink_train_images:
+        with accelerator.main_process_first():
+            train_split = shrink_images(
+                train_split, model.config.image_size, num_proc=args.dataloader_num_workers or None
+            )
     options = TrainingOptions(
         image_size=model.config.image_size,
         phrases_per_image=args.phrases_per_image,
@@ -502,6 +542,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_length=model.config.text_config.max_position_embeddings,
         ),
     )
+    # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
+    # kernels for the head's transposed convolutions (about 10% of a step on an H200, benchmarks/RESULTS.md).
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    backbone_dtype = resolve_backbone_dtype(args.backbone_dtype, accelerator.mixed_precision)
+    if backbone_dtype != torch.float32:
+        model.cast_backbone(backbone_dtype)
+    if args.compile:
+        model.compile_backbone()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -538,8 +586,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args, accelerator, model, optimizer, scheduler, train_loader, trainable, eval_split, processor, state
     )
 
-    # --- final evaluation, save, card, push ---
-    metrics = run_evaluation(args, accelerator, model, eval_split, processor, "final evaluation")
+    # --- final evaluation, save, card, push: the decoder on the starting float32 CLIP ---
+    final_model = model if backbone_dtype == torch.float32 else float32_model(args, accelerator, model)
+    metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
     if args.with_tracking:
         accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=state["step"])
         accelerator.end_training()
@@ -551,12 +600,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         decoder_checksum_per_process=decoder_checksums(accelerator, model),
     )
     if accelerator.is_main_process:
-        save_final_model(args, accelerator, model, processor, metrics, results, state["log_history"])
+        save_final_model(args, accelerator, final_model, processor, metrics, results, state["log_history"])
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:
         push_output(args, output_dir)
     if accelerator.is_main_process:
-        report(args, accelerator, model, processor, eval_split, metrics)
+        report(args, accelerator, final_model, processor, eval_split, metrics)
     return results
 
 
@@ -615,6 +664,7 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
     """Forward, backward and (at the end of an accumulation) the optimizer step; the batch's loss, or None
     when some process got a non-finite loss: then every process skips it, and the run stops after
     --max_nonfinite_losses such batches."""
+    batch = model_inputs(batch, accelerator.device)
     with accelerator.accumulate(model):
         with accelerator.autocast():
             embeddings = conditional_embeddings(accelerator.unwrap_model(model), batch)

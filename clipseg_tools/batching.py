@@ -19,12 +19,50 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
-from phrasecut_dataset.masks import decode_image, image_to_tensor, polygons_to_mask, resize_image, resize_mask
+from phrasecut_dataset.masks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_image,
+    polygons_to_mask,
+    resize_image,
+    resize_mask,
+)
 from phrasecut_dataset.validate import PhraseCutFormatError
 
 from .prompts import apply_template
 
 IMAGE_COLUMN = "image"
+PIXEL_KEYS = ("pixel_values", "visual_pixel_values")
+
+
+def image_to_uint8(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> uint8 tensor [3, H, W]. Batches travel as uint8 (a quarter of float32's bytes
+    through worker queues and host-to-device copies) and are normalised on the device by `model_inputs`."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def normalize_pixels(
+    pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float32 divided by 255, minus mean, over std (the processor's arithmetic, in the
+    same order, so the values equal `image_to_tensor`'s bit for bit)."""
+    pixels = pixels.float() / 255.0
+    mean = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """A collated batch on `device` as the model takes it: pixels normalised to float32, labels float32."""
+    moved = {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+    for key in PIXEL_KEYS:
+        if key in moved and moved[key].dtype == torch.uint8:
+            moved[key] = normalize_pixels(moved[key])
+    if "labels" in moved:
+        moved["labels"] = moved["labels"].float()
+    return moved
 
 
 @dataclass
@@ -208,7 +246,7 @@ class TrainingSamples(Dataset):
             masks = masks[:, top : top + side, left : left + side]
         size = self.options.image_size
         sample = {
-            "pixel_values": image_to_tensor(resize_image(image, size)),
+            "pixel_values": image_to_uint8(resize_image(image, size)),
             "masks": torch.from_numpy(resize_mask(masks, size)),
             "phrases": [task["phrase"] for task in tasks],
         }
@@ -252,14 +290,14 @@ class TrainingSamples(Dataset):
             candidates = self.index.tasks_by_phrase.get(phrase, np.empty(0, dtype=np.int64))
             candidates = candidates[candidates != chosen[k]]
             if not len(candidates):
-                visuals.append(torch.zeros(3, size, size))
+                visuals.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 weights.append(1.0)
                 continue
             support = int(candidates[rng.integers(len(candidates))])
             row = self.dataset[int(self.index.row_of_task[support])]
             support_image = read_image(row)
             mask = task_mask(row["tasks"][int(self.index.task_in_row[support])], row, support_image)
-            visuals.append(image_to_tensor(visual_prompt(support_image, mask, size)))
+            visuals.append(image_to_uint8(visual_prompt(support_image, mask, size)))
             weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
         sample["visual_pixel_values"] = torch.stack(visuals)
         sample["text_weight"] = torch.tensor(weights)
@@ -271,12 +309,13 @@ def tokenize(tokenizer: Any, phrases: Sequence[str], max_length: int) -> dict[st
 
 
 def collate_training(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
-    """Images [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S]."""
+    """Images uint8 [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S] (bool);
+    `model_inputs` turns it into the model's inputs on the device."""
     phrases = [phrase for item in items for phrase in item["phrases"]]
     batch = {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "image_index": torch.tensor([i for i, item in enumerate(items) for _ in item["phrases"]]),
-        "labels": torch.cat([item["masks"] for item in items]).float(),
+        "labels": torch.cat([item["masks"] for item in items]),
         **tokenize(tokenizer, phrases, max_length),
     }
     if "visual_pixel_values" in items[0]:
@@ -305,7 +344,7 @@ class EvaluationImages(Dataset):
         image = read_image(row)
         native = np.stack([task_mask(task, row, image) for task in row["tasks"]])
         sample = {
-            "pixel_values": image_to_tensor(resize_image(image, self.image_size)),
+            "pixel_values": image_to_uint8(resize_image(image, self.image_size)),
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),
             "phrases": [t["phrase"] for t in row["tasks"]],
             "task_ids": [t["task_id"] for t in row["tasks"]],

@@ -21,6 +21,7 @@ from .masks import (
     resize_mask,
     row_masks,
 )
+from .shrink import shrink_images
 from .subsets import OFFICIAL_SUBSETS, FrequencyRanks, read_frequency_ranks, task_subsets
 from .validate import PhraseCutFormatError
 
@@ -68,6 +69,7 @@ __all__ = [
     "resize_image",
     "resize_mask",
     "row_masks",
+    "shrink_images",
     "synthetic_vocabulary",
     "task_subsets",
     "write_parquet_shards",

@@ -12,12 +12,15 @@ from clipseg_tools.batching import (
     TrainingOptions,
     TrainingSamples,
     collate_training,
+    image_to_uint8,
+    model_inputs,
+    normalize_pixels,
     random_square_crop,
     visual_prompt,
 )
 from clipseg_tools.prompts import TEMPLATES, apply_template
 from clipseg_tools.tiny_clip import build_word_tokenizer
-from phrasecut_dataset import load_phrasecut
+from phrasecut_dataset import image_to_tensor, load_phrasecut
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +115,12 @@ def test_collate_flattens_phrases_with_their_image_index(train_split, tmp_path):
     batch = collate_training([data[0], data[1], data[2]], tokenizer, max_length=8)
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
     assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
-    assert batch["labels"].shape == (6, 64, 64) and batch["labels"].dtype == torch.float32
+    # uint8 pixels and bool masks travel; `model_inputs` makes them the model's float inputs on the device.
+    assert batch["pixel_values"].dtype == torch.uint8 and batch["labels"].dtype == torch.bool
+    inputs = model_inputs(batch, "cpu")
+    assert inputs["pixel_values"].dtype == torch.float32 and inputs["labels"].dtype == torch.float32
+    assert torch.equal(inputs["labels"], batch["labels"].float())
+    assert torch.equal(inputs["pixel_values"], normalize_pixels(batch["pixel_values"]))
     assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] <= 8
 
 
@@ -142,3 +150,11 @@ def test_prompt_templates():
     assert drawn == {t.format("x") for t in TEMPLATES["shuffle+"]}
     with pytest.raises(ValueError, match="unknown prompt template set 'fancy'"):
         apply_template("x", "fancy", rng)
+
+
+def test_pixels_normalised_on_the_device_equal_the_processors_bit_for_bit():
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)) for _ in range(3)]
+    on_device = normalize_pixels(torch.stack([image_to_uint8(image) for image in images]))
+    in_worker = torch.stack([image_to_tensor(image) for image in images])
+    assert torch.equal(on_device, in_worker)

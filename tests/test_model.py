@@ -381,3 +381,38 @@ def test_save_and_reload_in_a_fresh_offline_process(tmp_path, processor):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reloaded CLIPSegProcessor ClipSegCustomModel" in result.stdout
+
+
+def test_bfloat16_backbone_gives_the_float32_logits_within_bf16_rounding(pixels):
+    torch.manual_seed(0)
+    model = ClipSegCustomModel(tiny_config(decoder_dropout=0.0)).eval()
+    ids = token_ids(3)
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_ids=ids).logits
+        model.cast_backbone(torch.bfloat16)
+        plain = model(pixel_values=pixels, input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(pixel_values=pixels, input_ids=ids).logits.float()
+    assert model.backbone_dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.decoder.parameters())  # float32 master weights
+    for logits in (plain, autocast):
+        relative = float((logits - reference).norm() / reference.norm())
+        assert 0 < relative < 2e-2, relative  # bf16 rounding: not equal, and close
+
+    model.train()
+    loss = model(pixel_values=pixels, input_ids=ids, labels=torch.rand(3, 64, 64)).loss
+    loss.backward()
+    assert all(p.grad is None for p in model.clip.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.decoder.parameters())
+
+
+def test_compiled_backbone_gives_the_same_logits(pixels):
+    torch.manual_seed(0)
+    model = ClipSegCustomModel(tiny_config()).eval()
+    ids = token_ids(3)
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_ids=ids).logits
+        # The eager backend traces exactly what a real backend compiles, without a C++ toolchain.
+        compiled = model.compile_backbone(backend="eager")(pixel_values=pixels, input_ids=ids).logits
+    assert torch.equal(compiled, reference)
+    assert "vision_activations" not in "".join(model.state_dict())  # nothing new in the weights

@@ -275,3 +275,45 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_c
     assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())  # not trained on
     with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
         run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state)
+
+
+def test_low_precision_backbone_trains_and_the_saved_model_keeps_the_float32_clip(
+    tmp_path, synthetic_data, tiny_clip_dir
+):
+    out = tmp_path / "bf16_backbone"
+    result = run_script(
+        train_args(
+            synthetic_data, tiny_clip_dir, out, "--max_train_steps", "4", "--backbone_dtype", "bfloat16"
+        )
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = load_file(out / "model.safetensors")
+    original = load_file(tiny_clip_dir / "model.safetensors")
+    clip_keys = [k for k in saved if k.startswith("clip.")]
+    assert len(clip_keys) == len(original)
+    for key in clip_keys:  # the published CLIP is the starting float32 one, not its bf16 training copy
+        assert saved[key].dtype == original[key[5:]].dtype and torch_equal(saved[key], original[key[5:]]), key
+    checkpoint = load_file(next((out / "checkpoints" / "step_4").glob("*.safetensors")))
+    decoder = {k: v for k, v in saved.items() if k.startswith("decoder.")}
+    assert decoder.keys() == checkpoint.keys() and all(
+        torch_equal(decoder[k], checkpoint[k]) for k in decoder
+    )
+    assert all(v.dtype.is_floating_point and v.dtype.itemsize == 4 for v in decoder.values())
+    losses = [e["train_loss"] for e in json.loads((out / "training_log.json").read_text())["log_history"]]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+@pytest.mark.slow
+def test_compiled_towers_train_like_eager(tmp_path, synthetic_data, tiny_clip_dir):
+    logs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        out = tmp_path / name
+        result = run_script(train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "3", *extra))
+        assert result.returncode == 0, result.stderr[-4000:]
+        log = json.loads((out / "training_log.json").read_text())["log_history"]
+        logs[name] = [entry["train_loss"] for entry in log]
+    assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-4)
