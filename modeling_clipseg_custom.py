@@ -40,6 +40,7 @@ try:  # as remote code (a package made by transformers) or imported from the pro
 except ImportError:
     from configuration import ClipSegCustomConfig
 
+COMPILED_METHODS = ("vision_activations", "text_embeddings")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -249,10 +250,33 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
         """`torch.compile` the frozen towers' forward passes (vision blocks and text features); the decoder
-        stays eager. Options go to `torch.compile` (e.g. mode="max-autotune-no-cudagraphs")."""
-        self.vision_activations = torch.compile(self.vision_activations, **compile_options)
-        self.text_embeddings = torch.compile(self.text_embeddings, **compile_options)
+        stays eager. Options go to `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an
+        unpickled model compiles its own towers again."""
+        self._backbone_compile_options = dict(compile_options)
+        for name in COMPILED_METHODS:
+            setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), **compile_options))
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled functions are bound to this instance: a copy must not run this model's towers.
+        return {k: v for k, v in super().__getstate__().items() if k not in COMPILED_METHODS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("_backbone_compile_options") is not None:
+            self.compile_backbone(**state["_backbone_compile_options"])
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """As transformers', refusing a backbone cast apart from the decoder: it would be saved (and reloaded)
+        in its training precision, the decoder with it."""
+        decoder_dtype = self.decoder.film_mul.weight.dtype
+        if self.backbone_dtype != decoder_dtype:
+            raise ValueError(
+                f"the CLIP is {self.backbone_dtype} (cast_backbone) and the decoder {decoder_dtype}: save the "
+                "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
+                "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
+            )
+        return super().save_pretrained(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ClipSegCustomModel:
         super().train(mode)
@@ -464,7 +488,7 @@ class ClipSegCustomModel(PreTrainedModel):
             )
         if image_index.device.type != "cpu":
             # Reading values back would stall an accelerator's queue every step; build image_index on the
-            # CPU to have it checked (an index out of range on the device fails in the gather instead).
+            # CPU to have it checked. On the device it is used as given (a negative index counts from the end).
             return image_index.to(device)
         if num_prompts and (int(image_index.min()) < 0 or int(image_index.max()) >= num_images):
             raise ValueError(f"image_index values must lie in [0, {num_images - 1}] for {num_images} images")

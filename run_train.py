@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shrink_train_images",
         action="store_true",
         help="store the training images once at the model's size (short side --image_size, polygons scaled): "
-        "a smaller JPEG decode and no resize per sample, for GPUs faster than the CPUs can decode",
+        "a smaller JPEG decode and no resize per sample, for GPUs faster than the CPUs can decode (PC+ example "
+        "images are then cut from the smaller images too)",
     )
 
     model = parser.add_argument_group("model")
@@ -324,7 +325,8 @@ def resolve_backbone_dtype(choice: str, mixed_precision: str) -> torch.dtype:
 def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any) -> ClipSegCustomModel:
     """The trained decoder on the starting checkpoint's float32 CLIP (a low-precision copy trained it):
     what is scored, saved and pushed."""
-    fresh, _ = build_model(args)
+    with torch.random.fork_rng(devices=[]):  # a new decoder's initialisation must not move the training RNG
+        fresh, _ = build_model(args)
     fresh.decoder.load_state_dict(accelerator.unwrap_model(model).decoder.state_dict())
     return fresh.to(accelerator.device).eval()
 
@@ -392,8 +394,11 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, kee
     return final
 
 
-def resume(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
-    """Load the checkpoint and return its training state (step, batches consumed, log, ...)."""
+def resume(
+    accelerator: Accelerator, args: argparse.Namespace, output_dir: Path, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Load the checkpoint and return its training state (step, batches consumed, log, ...). `settings` (what
+    changes the numbers without changing the weights' shapes) must be those the checkpoint was trained with."""
     if args.resume_from_checkpoint == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
@@ -409,6 +414,12 @@ def resume(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path)
             f"--resume_from_checkpoint {checkpoint} was trained from {state['model_source']!r}, this run starts "
             f"from {model_source(args)!r}: give the same --model_name_or_path / --clip_model_name_or_path"
         )
+    for flag, value in settings.items():
+        if flag in state and state[flag] != value:
+            raise ValueError(
+                f"--resume_from_checkpoint {checkpoint} was trained with --{flag} {state[flag]}, this run has "
+                f"{value}: give the same value to continue it exactly"
+            )
     accelerator.load_state(str(checkpoint))
     accelerator.print(f"Resumed from {checkpoint} at step {state['step']}")
     return state
@@ -446,20 +457,28 @@ def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Ten
 
 
 def run_evaluation(args, accelerator, model, split, processor, description) -> dict[str, float]:
-    """Both protocols on the first --max_eval_images images, float32, every phrase counted once."""
+    """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
+    swapped for the starting float32 one), every phrase counted once."""
     unwrapped = accelerator.unwrap_model(model)
+    if unwrapped.backbone_dtype != torch.float32:
+        unwrapped = float32_model(args, accelerator, unwrapped)
     rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
-    result = evaluate(
-        unwrapped,
-        split,
-        processor.tokenizer,
-        accelerator,
-        image_size=unwrapped.config.image_size,
-        batch_size=args.per_device_eval_batch_size,
-        rows=rows,
-        num_workers=args.dataloader_num_workers,
-        description=description,
-    )
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
+    try:
+        result = evaluate(
+            unwrapped,
+            split,
+            processor.tokenizer,
+            accelerator,
+            image_size=unwrapped.config.image_size,
+            batch_size=args.per_device_eval_batch_size,
+            rows=rows,
+            num_workers=args.dataloader_num_workers,
+            description=description,
+        )
+    finally:
+        torch.backends.cudnn.benchmark = autotune
     metrics = result.clipseg_metrics()
     metrics.update({f"official_{k}": v for k, v in result.official_metrics()["all"].items()})
     metrics["images"] = len(rows) if rows is not None else len(split)
@@ -565,9 +584,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     decoder_only_checkpoints(accelerator)
 
     state = {"step": 0, "consumed_batches": 0, "nonfinite_losses": 0, "log_history": []}
+    settings = {
+        "backbone_dtype": str(backbone_dtype).removeprefix("torch."),
+        "shrink_train_images": args.shrink_train_images,
+    }
     if args.resume_from_checkpoint:
-        state = resume(accelerator, args, output_dir)
+        state = resume(accelerator, args, output_dir, settings)
     state["model_source"] = model_source(args)
+    state.update(settings)
     if args.with_tracking:
         scalars = {
             k: v

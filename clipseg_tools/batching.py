@@ -9,6 +9,7 @@ the same whichever worker makes it, and a resumed run sees exactly the samples i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,17 @@ def normalize_pixels(
     """uint8 [N, 3, H, W] -> float32 divided by 255, minus mean, over std (the processor's arithmetic, in the
     same order, so the values equal `image_to_tensor`'s bit for bit)."""
     pixels = pixels.float() / 255.0
-    mean = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+    mean, std = _channel_constants(tuple(mean), tuple(std), pixels.device)
     return (pixels - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _channel_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as [1, C, 1, 1] tensors on `device`, made once (a copy to the device each step would wait
+    for the queue)."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device) for v in (mean, std))
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The model: CIDAS parity, backbone once per image, freezing, save/reload, bad input. All on tiny configs."""
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -416,3 +418,21 @@ def test_compiled_backbone_gives_the_same_logits(pixels):
         compiled = model.compile_backbone(backend="eager")(pixel_values=pixels, input_ids=ids).logits
     assert torch.equal(compiled, reference)
     assert "vision_activations" not in "".join(model.state_dict())  # nothing new in the weights
+
+    # A copy (and an unpickled model) runs its own towers, compiled again, not the original's.
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.vision_activations is not model.vision_activations
+        with torch.no_grad():
+            for param in clone.clip.parameters():
+                param.zero_()
+            changed = clone(pixel_values=pixels, input_ids=ids).logits
+        assert not torch.allclose(changed, reference)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels, input_ids=ids).logits, reference)
+
+
+def test_a_model_with_a_cast_backbone_is_not_saved_half_cast(tmp_path):
+    model = ClipSegCustomModel(tiny_config()).cast_backbone(torch.bfloat16)
+    with pytest.raises(ValueError, match="cast_backbone"):
+        model.save_pretrained(tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -302,6 +302,14 @@ def test_low_precision_backbone_trains_and_the_saved_model_keeps_the_float32_cli
     losses = [e["train_loss"] for e in json.loads((out / "training_log.json").read_text())["log_history"]]
     assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
 
+    # Continuing it in another precision would not continue the same run: refused, the flag named.
+    resumed = run_script(
+        train_args(
+            synthetic_data, tiny_clip_dir, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest",
+        )
+    )  # fmt: skip
+    assert resumed.returncode != 0 and "--backbone_dtype bfloat16" in resumed.stderr, resumed.stderr[-2000:]
+
 
 def torch_equal(a, b) -> bool:
     return bool((a == b).all())
