@@ -248,6 +248,10 @@ class ClipSegCustomModel(PreTrainedModel):
     def backbone_dtype(self) -> torch.dtype:
         return self.clip.logit_scale.dtype
 
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return self.decoder.film_mul.weight.dtype
+
     def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
         """`torch.compile` the frozen towers' forward passes (vision blocks and text features); the decoder
         stays eager. Options go to `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an
@@ -269,10 +273,9 @@ class ClipSegCustomModel(PreTrainedModel):
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         """As transformers', refusing a backbone cast apart from the decoder: it would be saved (and reloaded)
         in its training precision, the decoder with it."""
-        decoder_dtype = self.decoder.film_mul.weight.dtype
-        if self.backbone_dtype != decoder_dtype:
+        if self.backbone_dtype != self.decoder_dtype:
             raise ValueError(
-                f"the CLIP is {self.backbone_dtype} (cast_backbone) and the decoder {decoder_dtype}: save the "
+                f"the CLIP is {self.backbone_dtype} (cast_backbone) and the decoder {self.decoder_dtype}: save the "
                 "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
                 "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
             )
@@ -397,10 +400,9 @@ class ClipSegCustomModel(PreTrainedModel):
         image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
 
         activations = self.vision_activations(pixel_values)
-        decoder_dtype = self.decoder.film_mul.weight.dtype
         if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
-            activations = [activation.to(decoder_dtype) for activation in activations]
-            conditional_embeddings = conditional_embeddings.to(decoder_dtype)
+            activations = [activation.to(self.decoder_dtype) for activation in activations]
+            conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
         patch = self.config.vision_config.patch_size
         grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
         logits = self.decoder(activations, conditional_embeddings, image_index, grid)

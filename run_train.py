@@ -323,11 +323,15 @@ def resolve_backbone_dtype(choice: str, mixed_precision: str) -> torch.dtype:
 
 
 def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any) -> ClipSegCustomModel:
-    """The trained decoder on the starting checkpoint's float32 CLIP (a low-precision copy trained it):
-    what is scored, saved and pushed."""
+    """The model with the starting checkpoint's float32 CLIP: itself (unwrapped) when its CLIP is float32,
+    else the trained decoder on a fresh float32 copy (a low-precision copy trained it). What is scored, saved
+    and pushed."""
+    trained = accelerator.unwrap_model(model)
+    if trained.backbone_dtype == torch.float32:
+        return trained
     with torch.random.fork_rng(devices=[]):  # a new decoder's initialisation must not move the training RNG
         fresh, _ = build_model(args)
-    fresh.decoder.load_state_dict(accelerator.unwrap_model(model).decoder.state_dict())
+    fresh.decoder.load_state_dict(trained.decoder.state_dict())
     return fresh.to(accelerator.device).eval()
 
 
@@ -459,9 +463,7 @@ def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Ten
 def run_evaluation(args, accelerator, model, split, processor, description) -> dict[str, float]:
     """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
     swapped for the starting float32 one), every phrase counted once."""
-    unwrapped = accelerator.unwrap_model(model)
-    if unwrapped.backbone_dtype != torch.float32:
-        unwrapped = float32_model(args, accelerator, unwrapped)
+    unwrapped = float32_model(args, accelerator, model)
     rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
     autotune = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
@@ -611,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # --- final evaluation, save, card, push: the decoder on the starting float32 CLIP ---
-    final_model = model if backbone_dtype == torch.float32 else float32_model(args, accelerator, model)
+    final_model = float32_model(args, accelerator, model)
     metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
     if args.with_tracking:
         accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=state["step"])

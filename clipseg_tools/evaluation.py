@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batching import EvaluationImages, PhraseIndex, collate_evaluation, model_inputs
+from .batching import EvaluationImages, PhraseIndex, collate_evaluation, normalize_pixels
 from .metrics import (
     OFFICIAL_THRESHOLD,
     THRESHOLDS,
@@ -69,7 +69,7 @@ def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> t
     """
     forward = getattr(model, "_original_forward", model)
     logits = forward(
-        pixel_values=model_inputs({"pixel_values": batch["pixel_values"]}, device)["pixel_values"],
+        pixel_values=normalize_pixels(batch["pixel_values"].to(device)),
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
         image_index=batch["image_index"].to(device),
