@@ -5,13 +5,18 @@ Reference: T. Lüddecke and A. Ecker, "Image Segmentation Using Text and Image P
 Read top to bottom: output type -> decoder blocks -> decoder -> the model (loading, freezing, forward,
 `predict`, export to transformers' stock `CLIPSegForImageSegmentation`).
 
-What differs from transformers' `CLIPSegForImageSegmentation` (same weights, same logits):
+What differs from transformers' `CLIPSegForImageSegmentation` (same weights, the same logits within float
+rounding):
 - the vision tower runs once per image, however many prompts that image has (`image_index`), and stops
   after the last extracted block;
 - the refined head upsamples by the patch size for any patch size, not only 16;
 - the decoder has the original's dropout for training;
 - non-square inputs work (the token grid is taken from the input size);
-- the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`) and be compiled (`compile_backbone`);
+- the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`); the towers and the decoder with its
+  loss can be compiled (`compile_backbone`, `compile_decoder`), also with CUDA graphs;
+- CLIP's patch embedding and the head's transposed convolutions (kernel = stride) run as matrix products
+  (`PatchConv2d`, `PatchTransposedConv2d`): faster on a GPU than cuDNN's kernels for these shapes, and
+  compilable forward and backward;
 - no host-device synchronisation in the forward pass when `image_index` is already on the accelerator.
 
 State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
@@ -20,8 +25,9 @@ from `configuration.py` (relatively, as `trust_remote_code` needs), torch and tr
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +46,8 @@ try:  # as remote code (a package made by transformers) or imported from the pro
 except ImportError:
     from configuration import ClipSegCustomConfig
 
-COMPILED_METHODS = ("vision_activations", "text_embeddings")
+# What `compile_backbone` and `compile_decoder` compile: methods of the model instance.
+COMPILED_METHODS = {"backbone": ("_vision_blocks", "_text_features"), "decoder": ("_decode",)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -58,6 +65,23 @@ class ClipSegCustomOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     conditional_embeddings: torch.Tensor | None = None
+
+
+def copied_outputs(graphed: Callable) -> Callable:
+    """CUDA graphs (compile mode "reduce-overhead") return tensors in memory that their next replay reuses:
+    the text embeddings were overwritten by the vision graph before the decoder read them. Copies (a few MB
+    per step) outlive the next replay; gradients still flow through them."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        return type(value)(copy(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    @functools.wraps(graphed)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return copy(graphed(*args, **kwargs))
+
+    return call
 
 
 class FrozenQuickGELU(nn.Module):
@@ -122,18 +146,72 @@ class DecoderBlock(nn.Module):
         return self.layer_norm2(hidden + self.dropout(self.mlp(hidden)))
 
 
+class PatchConv2d(nn.Conv2d):
+    """CLIP's patch embedding, a convolution whose kernel equals its stride, as one matrix product over the
+    image's non-overlapping patches: the parameters (and state-dict keys) of `nn.Conv2d`, the same values
+    within float rounding. Why: cuDNN ran this layer at a tenth of the matrix-product rate on an H200 (1.2 ms
+    of a 17 ms training step, benchmarks/RESULTS.md)."""
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> PatchConv2d:
+        if (
+            conv.kernel_size != conv.stride
+            or conv.padding != (0, 0)
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+        ):
+            raise ValueError(f"not a patch embedding (kernel = stride, no padding): {conv}")
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, C_in, H, W]` -> `[B, C_out, H // k, W // k]` (a view of a `[B, patches, C_out]` result)."""
+        batch, channels = images.shape[:2]
+        (kh, kw), rows, cols = (
+            self.kernel_size,
+            images.shape[2] // self.kernel_size[0],
+            images.shape[3] // self.kernel_size[1],
+        )
+        patches = images[:, :, : rows * kh, : cols * kw].reshape(batch, channels, rows, kh, cols, kw)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * kh * kw)
+        embedded = F.linear(patches, self.weight.flatten(1), self.bias)
+        return embedded.transpose(1, 2).view(batch, self.out_channels, rows, cols)
+
+
+class PatchTransposedConv2d(nn.ConvTranspose2d):
+    """A transposed convolution whose kernel equals its stride: every input pixel writes its own k x k output
+    patch, so the layer is one matrix product and a reshuffle of the result. The parameters (and state-dict
+    keys) of `nn.ConvTranspose2d`, the same values within float rounding. Why: as a matrix product it runs as
+    one GEMM forward and backward, and `torch.compile` can take the whole decoder (inductor's
+    `convolution_backward` of these layers fails in torch 2.11)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, kernel_size=stride, stride=stride)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """`[B, C_in, H, W]` -> `[B, C_out, H * k, W * k]`."""
+        batch, _, height, width = grid.shape
+        k, out = self.stride[0], self.out_channels
+        weight = self.weight.flatten(1).t()  # [C_out * k * k, C_in], rows ordered (channel, row, column)
+        bias = self.bias.repeat_interleave(k * k)
+        patches = F.linear(grid.permute(0, 2, 3, 1), weight, bias)  # [B, H, W, C_out * k * k]
+        patches = patches.view(batch, height, width, out, k, k).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(batch, out, height * k, width * k)
+
+
 def build_head(config: ClipSegCustomConfig) -> nn.Module:
     """The upsampling head: token grid [P, D, h, w] -> one logit map [P, 1, h*patch, w*patch]."""
     width, patch = config.reduce_dim, config.vision_config.patch_size
     if not config.use_complex_transposed_convolution:
-        return nn.ConvTranspose2d(width, 1, kernel_size=patch, stride=patch)
+        return PatchTransposedConv2d(width, 1, stride=patch)
     first, second = config.refined_head_strides
     return nn.Sequential(
         nn.Conv2d(width, width, kernel_size=3, padding=1),
         nn.ReLU(),
-        nn.ConvTranspose2d(width, width // 2, kernel_size=first, stride=first),
+        PatchTransposedConv2d(width, width // 2, stride=first),
         nn.ReLU(),
-        nn.ConvTranspose2d(width // 2, 1, kernel_size=second, stride=second),
+        PatchTransposedConv2d(width // 2, 1, stride=second),
     )
 
 
@@ -203,6 +281,8 @@ class ClipSegCustomModel(PreTrainedModel):
             (self.clip.vision_model, config.vision_config),
             (self.clip.text_model, config.text_config),
         ):
+            if isinstance(getattr(tower.embeddings, "patch_embedding", None), nn.Conv2d):
+                tower.embeddings.patch_embedding = PatchConv2d.like(tower.embeddings.patch_embedding)
             if tower_config.hidden_act == "quick_gelu":
                 for layer in tower.encoder.layers:
                     layer.mlp.activation_fn = FrozenQuickGELU()
@@ -253,22 +333,34 @@ class ClipSegCustomModel(PreTrainedModel):
         return self.decoder.film_mul.weight.dtype
 
     def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
-        """`torch.compile` the frozen towers' forward passes (vision blocks and text features); the decoder
-        stays eager. Options go to `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an
-        unpickled model compiles its own towers again."""
-        self._backbone_compile_options = dict(compile_options)
-        for name in COMPILED_METHODS:
-            setattr(self, name, torch.compile(getattr(type(self), name).__get__(self), **compile_options))
+        """`torch.compile` the frozen towers' forward passes (vision blocks and text features). Options go to
+        `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an unpickled model compiles its
+        own towers again."""
+        return self._compile("backbone", compile_options)
+
+    def compile_decoder(self, **compile_options: Any) -> ClipSegCustomModel:
+        """`torch.compile` the decoder and the loss (forward and backward): fuses its many small, memory-bound
+        operations. Options and copies as `compile_backbone`."""
+        return self._compile("decoder", compile_options)
+
+    def _compile(self, part: str, compile_options: dict[str, Any]) -> ClipSegCustomModel:
+        self._compile_options = {**getattr(self, "_compile_options", {}), part: dict(compile_options)}
+        for name in COMPILED_METHODS[part]:
+            compiled = torch.compile(getattr(type(self), name).__get__(self), **compile_options)
+            if compile_options.get("mode") == "reduce-overhead":
+                compiled = copied_outputs(compiled)
+            setattr(self, name, compiled)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # The compiled functions are bound to this instance: a copy must not run this model's towers.
-        return {k: v for k, v in super().__getstate__().items() if k not in COMPILED_METHODS}
+        # The compiled functions are bound to this instance: a copy must not run this model's modules.
+        compiled = {name for names in COMPILED_METHODS.values() for name in names}
+        return {k: v for k, v in super().__getstate__().items() if k not in compiled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if state.get("_backbone_compile_options") is not None:
-            self.compile_backbone(**state["_backbone_compile_options"])
+        for part, options in state.get("_compile_options", {}).items():
+            self._compile(part, options)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         """As transformers', refusing a backbone cast apart from the decoder: it would be saved (and reloaded)
@@ -323,20 +415,23 @@ class ClipSegCustomModel(PreTrainedModel):
 
     # --- the forward pass ---
 
-    @torch.no_grad()
     def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the extracted vision blocks, `[I, 1 + h*w, width]` each; stops after the last one."""
+        with torch.no_grad(), self._backbone_precision(pixel_values.device):
+            return self._vision_blocks(pixel_values.to(self.backbone_dtype))
+
+    def _vision_blocks(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        # Apart from vision_activations' no_grad, so that compiling it gives it its own compiled code
+        # (no_grad's decorator wrapper would be one code object, and one recompile budget, for both towers).
         vision = self.clip.vision_model
-        with self._backbone_precision(pixel_values.device):
-            pixel_values = pixel_values.to(self.backbone_dtype)
-            hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
-            hidden = vision.pre_layrnorm(hidden)
-            wanted = self.config.extract_layers
-            found = {}
-            for index, block in enumerate(vision.encoder.layers[: wanted[-1] + 1]):
-                hidden = block(hidden, None)
-                if index in wanted:
-                    found[index] = hidden
+        hidden = vision.embeddings(pixel_values, interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        wanted = self.config.extract_layers
+        found = {}
+        for index, block in enumerate(vision.encoder.layers[: wanted[-1] + 1]):
+            hidden = block(hidden, None)
+            if index in wanted:
+                found[index] = hidden
         return [found[index] for index in wanted]
 
     def _backbone_precision(self, device: torch.device) -> Any:
@@ -346,15 +441,16 @@ class ClipSegCustomModel(PreTrainedModel):
             return nullcontext()
         return torch.autocast(device.type, enabled=False)
 
-    @torch.no_grad()
     def text_embeddings(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """CLIP text embeddings `[P, projection_dim]`; phrases longer than the text tower are truncated."""
         input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
-        with self._backbone_precision(input_ids.device):
-            features = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        return features.pooler_output
+        with torch.no_grad(), self._backbone_precision(input_ids.device):
+            return self._text_features(input_ids, attention_mask)
+
+    def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
     @torch.no_grad()
     def image_embeddings(self, conditional_pixel_values: torch.Tensor) -> torch.Tensor:
@@ -405,14 +501,24 @@ class ClipSegCustomModel(PreTrainedModel):
             conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
         patch = self.config.vision_config.patch_size
         grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
-        logits = self.decoder(activations, conditional_embeddings, image_index, grid)
-
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape:
-                raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}")
-            loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
         return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
+
+    def _decode(
+        self,
+        activations: list[torch.Tensor],
+        conditional_embeddings: torch.Tensor,
+        image_index: torch.Tensor | None,
+        grid: tuple[int, int],
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trainable part, one unit for `compile_decoder`: logits `[P, H, W]` and the loss."""
+        logits = self.decoder(activations, conditional_embeddings, image_index, grid)
+        if labels is None:
+            return logits, None
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}")
+        return logits, F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def _conditional_embeddings(
         self,

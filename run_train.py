@@ -121,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the frozen CLIP towers (the decoder stays eager)",
+        help="torch.compile the frozen CLIP towers and the decoder with its loss (the first steps compile)",
+    )
+    model.add_argument(
+        "--compile_mode",
+        choices=["default", "reduce-overhead"],
+        default="default",
+        help="torch.compile mode with --compile; reduce-overhead replays CUDA graphs (GPU, one optimizer step "
+        "per batch: no --gradient_accumulation_steps)",
     )
     model.add_argument(
         "--init_output_bias",
@@ -245,6 +252,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--decoder_dropout must be in [0, 1)")
     if not 0 <= args.mix_text_min <= args.mix_text_max <= 1:
         parser.error("--mix_text_min and --mix_text_max must satisfy 0 <= min <= max <= 1")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile_mode {args.compile_mode} needs --compile")
+    if args.compile_mode == "reduce-overhead" and args.gradient_accumulation_steps > 1:
+        parser.error(
+            "--compile_mode reduce-overhead takes one batch per optimizer step: drop --gradient_accumulation_steps "
+            "(or use the default mode)"
+        )
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id namespace/name")
     if args.model_name_or_path:
@@ -570,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if backbone_dtype != torch.float32:
         model.cast_backbone(backbone_dtype)
     if args.compile:
-        model.compile_backbone()
+        mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
+        model.compile_backbone(**mode).compile_decoder(**mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable,
@@ -691,6 +706,8 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
     when some process got a non-finite loss: then every process skips it, and the run stops after
     --max_nonfinite_losses such batches."""
     batch = model_inputs(batch, accelerator.device)
+    if args.compile and args.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
     with accelerator.accumulate(model):
         with accelerator.autocast():
             embeddings = conditional_embeddings(accelerator.unwrap_model(model), batch)
@@ -700,13 +717,17 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
                 image_index=batch["image_index"],
                 labels=batch["labels"],
             ).loss
+        # The backward is issued before the finiteness check waits for the device: the host does not idle
+        # the GPU between forward and backward. A non-finite loss leaves non-finite gradients: dropped.
+        accelerator.backward(loss)
         finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
         if finite:
-            accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
         else:
+            for param in trainable:  # with accumulation: this optimizer step's earlier batches too
+                param.grad = None
             state["nonfinite_losses"] += 1
             accelerator.print(
                 f"step {state['step'] + 1}: non-finite loss ({loss.item()}) on some process; batch skipped "

@@ -12,6 +12,8 @@ Cases:
 - inference:     forward only, one phrase per image;
 - prompts_K:     K phrases per image, forward (transformers repeats each image K times, as it must);
 - train_step_K:  the training step with K phrases per image;
+- stages:        where a training step's time goes (text tower, vision tower, decoder + loss, backward,
+                 optimizer), on the device and on the host issuing it;
 - loop:          training steps fed by the project's data pipeline (JPEG decode once per image, masks,
                  crop, collate; --num_workers processes) from a prepared synthetic PhraseCut with images of
                  real PhraseCut's size, against the bare step on the same batch size.
@@ -19,10 +21,14 @@ Variants of ours (`--variants`, each timed against the same transformers run):
 - eager:                 as loaded (float32 CLIP under the chosen autocast);
 - lowp:                  the frozen CLIP cast to --dtype (`cast_backbone`, what run_train.py does by default
                          under bf16 mixed precision), the decoder in float32 under autocast;
-- lowp_compile:          lowp with the frozen towers compiled (`compile_backbone`, run_train.py --compile);
-- lowp_graphs:           lowp with the towers compiled in "reduce-overhead" mode (CUDA graphs);
-- lowp_compile_blocks:   lowp_compile with the decoder's transformer blocks compiled too;
-- lowp_compile_decoder:  lowp_compile with the whole decoder compiled (checked against eager gradients first).
+- lowp_compile:          lowp with the frozen towers compiled (`compile_backbone`);
+- lowp_compile_convhead: lowp_compile with the head's transposed convolutions run by cuDNN (the layers'
+                         stock forward) instead of as matrix products (`PatchTransposedConv2d`);
+- lowp_compile_decoder:  lowp_compile with the decoder and loss compiled too (`compile_decoder`, checked against
+                         eager gradients first; run_train.py --compile);
+- lowp_graphs:           lowp_compile_decoder in "reduce-overhead" mode (CUDA graphs; run_train.py --compile
+                         --compile_mode reduce-overhead);
+- lowp_autotune:         lowp_compile_decoder with the towers compiled in "max-autotune-no-cudagraphs" mode.
 Accuracy: each variant's logits against transformers' in float32 without autocast (relative L2 error), next to
 transformers' own autocast error, once per case.
 """
@@ -47,16 +53,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import CLIPSegForImageSegmentation  # noqa: E402
 
 from configuration import ClipSegCustomConfig  # noqa: E402
-from modeling_clipseg_custom import ClipSegCustomModel  # noqa: E402
+from modeling_clipseg_custom import ClipSegCustomModel, PatchTransposedConv2d  # noqa: E402
 
-# name -> (CLIP cast to the autocast dtype, torch.compile options for the towers or None, decoder compiled)
+# name -> (CLIP cast to the autocast dtype, torch.compile options for the towers or None,
+#          torch.compile options for the decoder and loss or None, the head's transposed convolutions as cuDNN
+#          convolutions instead of matrix products)
 VARIANTS = {
-    "eager": (False, None, False),
-    "lowp": (True, None, False),
-    "lowp_compile": (True, {}, False),
-    "lowp_graphs": (True, {"mode": "reduce-overhead"}, False),
-    "lowp_compile_blocks": (True, {}, "blocks"),
-    "lowp_compile_decoder": (True, {}, True),
+    "eager": (False, None, None, False),
+    "lowp": (True, None, None, False),
+    "lowp_compile": (True, {}, None, False),
+    "lowp_compile_convhead": (True, {}, None, True),
+    "lowp_compile_decoder": (True, {}, {}, False),
+    "lowp_graphs": (True, {"mode": "reduce-overhead"}, {"mode": "reduce-overhead"}, False),
+    "lowp_autotune": (True, {"mode": "max-autotune-no-cudagraphs"}, {}, False),
 }
 
 
@@ -114,17 +123,18 @@ def build_models(device: torch.device) -> tuple[ClipSegCustomModel, CLIPSegForIm
 
 
 def make_variant(base: ClipSegCustomModel, name: str, dtype: torch.dtype | None) -> ClipSegCustomModel:
-    lowp, compile_options, compile_decoder = VARIANTS[name]
+    lowp, towers, decoder, conv_head = VARIANTS[name]
     model = copy.deepcopy(base)
     if lowp:
         model.cast_backbone(dtype)
-    if compile_options is not None:
-        model.compile_backbone(**compile_options)
-    if compile_decoder == "blocks":  # the transformer blocks only: the head's backward fails in inductor
-        for layer in model.decoder.layers:
-            layer.compile()
-    elif compile_decoder:
-        model.decoder.compile()
+    if towers is not None:
+        model.compile_backbone(**towers)
+    if decoder is not None:
+        model.compile_decoder(**decoder)
+    if conv_head:
+        for layer in model.decoder.transposed_convolution.modules():
+            if isinstance(layer, PatchTransposedConv2d):
+                layer.forward = partial(torch.nn.ConvTranspose2d.forward, layer)
     return model
 
 
@@ -179,10 +189,24 @@ def timed(fn, device, warmup, repeats) -> float:
     return statistics.median(times)
 
 
+def make_optimizer(model) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters, fused on a GPU (transformers' Trainer default there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, fused=params[0].is_cuda)
+
+
+def begin_step(model) -> None:
+    """Tells CUDA graphs (compile mode "reduce-overhead") that a new step begins: the outputs of the previous
+    one may be overwritten."""
+    if getattr(model, "_compile_options", {}).get("decoder", {}).get("mode") == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def train_step_fn(model, call, batch, autocast):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_optimizer(model)
 
     def step():
+        begin_step(model)
         model.train()
         with autocast():
             loss = call(model, batch, True).loss
@@ -276,7 +300,7 @@ def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
         drop_last=True,
         collate_fn=partial(collate_training, tokenizer=tokenizer, max_length=args.text_length),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_optimizer(model)
     model.train()
 
     def run(steps: int, train: bool) -> float:
@@ -288,6 +312,7 @@ def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
                 start = time.perf_counter()
             batch = model_inputs(next(batches), device)
             if train:
+                begin_step(model)
                 with autocast():
                     loss = call(model, batch, True).loss
                 loss.backward()
@@ -378,11 +403,20 @@ def main(argv=None) -> dict:
         f"forward GFLOP per image: ours {flops['ours']:.1f}, transformers {flops['transformers']:.1f}",
         flush=True,
     )
-    if "lowp_compile_decoder" in variants:
-        results["compiled_decoder_gradient_error"] = check_compiled_decoder(
-            variants, base, dtype, batch1, autocast
-        )
+    results["compiled_decoder_gradient_error"] = check_compiled_decoders(
+        variants, base, dtype, batch1, autocast
+    )
     for case in wanted:
+        if case == "stages":
+            batch = inputs(args, device, 1)
+            results["stages"] = {}
+            for name, model in variants.items():
+                decoder_weights = copy.deepcopy(model.decoder.state_dict())  # the steps train it
+                results["stages"][name] = stage_times(model, batch, device, autocast, args.repeats)
+                model.decoder.load_state_dict(decoder_weights)
+                print_stages(name, results["stages"][name])
+            save(args, results)
+            continue
         if case == "loop":
             continue
         per_image, make = plans[case]
@@ -416,24 +450,86 @@ def profile_step(args, model, batch, device, autocast) -> None:
             step()
         synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
     Path(args.profile).write_text(table)
     print(table.splitlines()[-2:], flush=True)
 
 
-def check_compiled_decoder(variants, base, dtype, batch, autocast) -> float | str:
-    """The compiled decoder's gradients against the eager decoder's (same weights): kept only if they agree."""
+STAGES = ("text tower", "vision tower", "decoder + loss", "backward", "optimizer")
+
+
+def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[str, float]]:
+    """Where one training step's time goes, per stage: the device's time between events recorded at the stage
+    boundaries, and the host's time to issue the stage. Where the host's time is close to the device's, the
+    host (Python and kernel launches) is the limit. Medians over `repeats` steps after warm-up, milliseconds."""
+    optimizer = make_optimizer(model)
+    patch = model.config.vision_config.patch_size
+    grid = (batch["pixel_values"].shape[2] // patch, batch["pixel_values"].shape[3] // patch)
+    model.train()
+
+    def mark(marks: list) -> None:
+        event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        marks.append((time.perf_counter(), event))
+
+    def step() -> list:
+        marks = []
+        begin_step(model)
+        synchronize(device)
+        with autocast():
+            mark(marks)
+            embeddings = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
+            mark(marks)
+            activations = model.vision_activations(batch["pixel_values"])
+            mark(marks)
+            loss = model._decode(activations, embeddings, batch["image_index"], grid, batch["labels"])[1]
+            mark(marks)
+        loss.backward()
+        mark(marks)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark(marks)
+        synchronize(device)
+        return marks
+
+    for _ in range(3):
+        step()
+    runs = [step() for _ in range(repeats)]
+    times = {}
+    for i, stage in enumerate((*STAGES, "whole step")):
+        first, last = (0, len(STAGES)) if stage == "whole step" else (i, i + 1)
+        host = [(run[last][0] - run[first][0]) * 1e3 for run in runs]
+        times[stage] = {"host_ms": statistics.median(host)}
+        if device.type == "cuda":
+            device_ms = [run[first][1].elapsed_time(run[last][1]) for run in runs]
+            times[stage]["device_ms"] = statistics.median(device_ms)
+    return times
+
+
+def print_stages(name: str, times: dict[str, dict[str, float]]) -> None:
+    print(f"stages of a training step, {name} (ms: device / host issuing it)", flush=True)
+    for stage, t in times.items():
+        print(f"{stage:>16}: {t.get('device_ms', float('nan')):8.2f} / {t['host_ms']:8.2f}", flush=True)
+
+
+def check_compiled_decoders(variants, base, dtype, batch, autocast) -> dict[str, float | str]:
+    """Each compiled decoder's gradients against the eager decoder's (same weights): kept only if they agree."""
     reference = make_variant(base, "lowp", dtype)
-    try:
-        error = decoder_gradient_error(variants["lowp_compile_decoder"], reference, batch, autocast)
-    except Exception as failure:  # noqa: BLE001 (torch.compile failures are reported as results)
-        variants.pop("lowp_compile_decoder")
-        print(f"lowp_compile_decoder: compiled backward failed: {failure!r}"[:2000], flush=True)
-        return f"failed: {type(failure).__name__}: {str(failure)[:500]}"
-    print(f"lowp_compile_decoder: decoder gradient relative error vs eager {error:.2e}", flush=True)
-    if not error < 2e-2:
-        variants.pop("lowp_compile_decoder")
-    return error
+    errors = {}
+    for name in [n for n in variants if VARIANTS[n][2] is not None]:
+        try:
+            begin_step(variants[name])
+            errors[name] = decoder_gradient_error(variants[name], reference, batch, autocast)
+        except Exception as failure:  # noqa: BLE001 (torch.compile failures are reported as results)
+            variants.pop(name)
+            print(f"{name}: compiled backward failed: {failure!r}"[:2000], flush=True)
+            errors[name] = f"failed: {type(failure).__name__}: {str(failure)[:500]}"
+            continue
+        print(f"{name}: decoder gradient relative error vs eager {errors[name]:.2e}", flush=True)
+        if not errors[name] < 2e-2:
+            variants.pop(name)
+    return errors
 
 
 def run_case(args, case, make, batch, theirs, variants, device, autocast) -> dict:

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool's `run`), about 5.5 minutes: what the first GPU session left open.
+# One call on a lent GPU (the device tool's `run`), at most 7 minutes: what the second GPU session left open.
 #
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=360)
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=420)
 #
-# 1. ours as run_train.py --compile runs it on a GPU (bf16 CLIP compiled, cuDNN autotuner) against
-#    transformers' CLIPSeg on every case, bf16, batch 64; the training loop fed by the data pipeline with
-#    images stored at the model's size (--shrink_train_images), 14 worker processes, 30 steps before timing
-#    (more than the workers prefetch); a profile of the training step.
-# 2. the same without cuDNN's autotuner, on the same machine.
-# The GPU image has torch, transformers and accelerate but not `datasets`: the loop case needs the wheels of
-# datasets and its missing dependencies in .whl/ (benchmarks/RESULTS.md has the download line). Results go to
-# $OUT (JSON, logs, the profile); the summary is printed last. benchmarks/RESULTS.md has the command lines of
-# the calls made so far and their outputs.
+# 1. run_train.py itself on the GPU: eager, --compile, and --compile --compile_mode reduce-overhead (CUDA
+#    graphs) on one small job: the same losses (benchmarks/train_check.py); meanwhile the loop's data is written
+#    and stored at the model's size;
+# 2. ours with CUDA graphs (run_train.py --compile --compile_mode reduce-overhead) against transformers'
+#    CLIPSeg on every case, bf16, batch 64, with the stages and an operator profile;
+# 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes).
+# Each part is its own process with its own time limit. The GPU image has torch, transformers and accelerate
+# but not `datasets`: the wheels of datasets and its missing dependencies go in .whl/ (benchmarks/RESULTS.md
+# has the download line). Results go to $OUT; the summary is printed last. Calls 4 and 5 ran earlier
+# versions of this script (benchmarks/RESULTS.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/clipseg_gpu_out}
 mkdir -p "$OUT"
@@ -28,17 +29,33 @@ fi
   python3 -c "import datasets, pyarrow; print('datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-common=(--device cuda --dtype bf16 --batch_size 64 --warmup 5 --repeats 20 --variants lowp_compile)
+common=(--device cuda --dtype bf16 --batch_size 64 --warmup 5 --repeats 20 --cudnn_benchmark)
+loop=(--loop_shrink --num_workers 14 --loop_images 2000 --loop_warmup 30 --loop_steps 60)
+quiet() { grep -v -E "Generating|shrinking|Warning|warn\(|^W1127|^ *warnings.warn|_warn_once" ; }
+run() {  # run NAME SECONDS ARGS...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" python3 benchmarks/benchmark.py "${common[@]}" "$@" --output "$OUT/$name.json" 2>&1 \
+    | quiet | tee "$OUT/$name.log"
+  echo "[$name: $((SECONDS - start)) s]" | tee -a "$OUT/$name.log"
+}
 
-timeout 240 python3 benchmarks/benchmark.py "${common[@]}" --cudnn_benchmark \
-  --cases inference train_step prompts_K train_step_K loop --loop_shrink --num_workers 14 --loop_images 2000 \
-  --loop_warmup 30 --loop_steps 60 --profile "$OUT/profile_lowp_compile.txt" --output "$OUT/gpu_b64_cudnn.json" \
-  2>&1 | grep -v -E "Generating|shrinking" | tee "$OUT/gpu_b64_cudnn.log"
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import benchmark as b; \
+b.loop_data(b.parse_args(sys.argv[1:]))" "${loop[@]}" > "$OUT/loop_data.log" 2>&1 &
+prep=$!
+start=$SECONDS
+timeout 170 python3 benchmarks/train_check.py --steps 12 2>&1 | quiet | tee "$OUT/part1_train_check.log"
+echo "[part1_train_check: $((SECONDS - start)) s]" | tee -a "$OUT/part1_train_check.log"
+wait $prep
 
-timeout 75 python3 benchmarks/benchmark.py "${common[@]}" --cases inference train_step \
-  --output "$OUT/gpu_b64.json" 2>&1 | tee "$OUT/gpu_b64.log"
+run part2_graphs 200 --variants lowp_graphs --cases stages train_step inference prompts_K train_step_K loop \
+  "${loop[@]}" --profile "$OUT/profile_lowp_graphs.txt"
 
 echo "== summary =="
 cat "$OUT/machine.txt"
-grep -h -E "GFLOP|^ +[a-z_0-9]+ +[a-z_]+:" "$OUT"/gpu_*.log
-head -n 24 "$OUT/profile_lowp_compile.txt"
+grep -h -E "s\): |difference|agree|\[part" "$OUT"/part1*.log
+grep -h -E "GFLOP|error vs eager|failed|FAILED|^ +[a-z_0-9]+ +[a-z_]+:|^stages|^ +[a-z +]+: +[0-9.n]+ / |\[part" \
+  "$OUT"/part2*.log
+tail -n 3 "$OUT/loop_data.log"
+head -n 30 "$OUT/profile_lowp_graphs.txt"

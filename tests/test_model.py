@@ -16,7 +16,12 @@ from transformers import CLIPModel, CLIPSegConfig, CLIPSegForImageSegmentation
 
 from clipseg_tools.tiny_clip import build_word_tokenizer
 from configuration import ClipSegCustomConfig, refined_head_strides
-from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+from modeling_clipseg_custom import (
+    ClipSegCustomModel,
+    PatchConv2d,
+    PatchTransposedConv2d,
+    make_processor,
+)
 
 TEXT = dict(
     vocab_size=99,
@@ -78,6 +83,14 @@ def pixels() -> torch.Tensor:
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 
 
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal within float32 rounding: the patch embedding and the head run as matrix products here, as
+    convolutions in transformers (the logits reach about 100 on these random weights)."""
+    assert got.shape == expected.shape
+    error = (got - expected).abs().max().item()
+    assert error <= 1e-5 * max(1.0, expected.abs().max().item()), error
+
+
 @pytest.mark.parametrize("refined", [True, False])
 def test_cidas_checkpoint_loads_with_equal_logits_and_exports_back(tmp_path, pixels, refined):
     stock = stock_clipseg(refined)
@@ -98,14 +111,14 @@ def test_cidas_checkpoint_loads_with_equal_logits_and_exports_back(tmp_path, pix
             expected = stock(pixel_values=pixels, **inputs).logits
             got = ours(pixel_values=pixels, **inputs).logits
             assert got.shape == expected.shape == (3, 64, 64)
-            assert (got - expected).abs().max().item() < 1e-5
+            assert_same_logits(got, expected)
 
     ours.save_as_clipseg(tmp_path / "exported")
     reloaded = CLIPSegForImageSegmentation.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         expected = ours(pixel_values=pixels, input_ids=ids).logits
         got = reloaded(pixel_values=pixels, input_ids=ids).logits
-    assert (got - expected).abs().max().item() < 1e-5
+    assert_same_logits(got, expected)
 
 
 def test_trainable_parameters_match_transformers_decoder():
@@ -408,27 +421,88 @@ def test_bfloat16_backbone_gives_the_float32_logits_within_bf16_rounding(pixels)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.decoder.parameters())
 
 
-def test_compiled_backbone_gives_the_same_logits(pixels):
+@pytest.mark.parametrize(
+    "in_channels, out_channels, stride", [(64, 32, 4), (32, 1, 4), (16, 1, 16), (5, 3, 2)]
+)
+def test_patch_layers_equal_the_convolutions_they_replace(in_channels, out_channels, stride):
+    """Forward and every gradient of the matrix-product layers against PyTorch's convolutions."""
     torch.manual_seed(0)
-    model = ClipSegCustomModel(tiny_config()).eval()
+    up = PatchTransposedConv2d(in_channels, out_channels, stride)
+    grid = torch.randn(3, in_channels, 5, 7, requires_grad=True)
+    reference = torch.nn.functional.conv_transpose2d(grid, up.weight, up.bias, stride=stride)
+    down = PatchConv2d.like(torch.nn.Conv2d(out_channels, in_channels, stride, stride))
+    image = torch.randn(2, out_channels, 5 * stride, 7 * stride, requires_grad=True)
+    for got, expected, inputs in (
+        (up(grid), reference, (grid, up.weight, up.bias)),
+        (
+            down(image),
+            torch.nn.functional.conv2d(image, down.weight, down.bias, stride=stride),
+            (image, down.weight, down.bias),
+        ),
+    ):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        upstream = torch.randn_like(got)
+        for ours, theirs in zip(
+            torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not a patch embedding"):
+        PatchConv2d.like(torch.nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1))
+
+
+def test_compiled_model_gives_the_same_logits_and_gradients(pixels):
+    torch.manual_seed(0)
+    model = ClipSegCustomModel(tiny_config(decoder_dropout=0.0)).eval()
     ids = token_ids(3)
+    labels = torch.rand(3, 64, 64)
     with torch.no_grad():
         reference = model(pixel_values=pixels, input_ids=ids).logits
-        # The eager backend traces exactly what a real backend compiles, without a C++ toolchain.
-        compiled = model.compile_backbone(backend="eager")(pixel_values=pixels, input_ids=ids).logits
+    reference_grads = decoder_gradients(model, pixels, ids, labels)
+    # The eager backend traces exactly what a real backend compiles, without a C++ toolchain.
+    model.compile_backbone(backend="eager").compile_decoder(backend="eager")
+    with torch.no_grad():
+        compiled = model(pixel_values=pixels, input_ids=ids).logits
     assert torch.equal(compiled, reference)
-    assert "vision_activations" not in "".join(model.state_dict())  # nothing new in the weights
+    for got, expected in zip(decoder_gradients(model, pixels, ids, labels), reference_grads):
+        assert torch.equal(got, expected)
+    assert "_vision_blocks" not in "".join(model.state_dict())  # nothing new in the weights
 
-    # A copy (and an unpickled model) runs its own towers, compiled again, not the original's.
+    # A copy (and an unpickled model) runs its own modules, compiled again, not the original's.
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert clone.vision_activations is not model.vision_activations
+        assert clone._vision_blocks is not model._vision_blocks and clone._decode is not model._decode
         with torch.no_grad():
-            for param in clone.clip.parameters():
+            for param in clone.parameters():
                 param.zero_()
             changed = clone(pixel_values=pixels, input_ids=ids).logits
         assert not torch.allclose(changed, reference)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=pixels, input_ids=ids).logits, reference)
+
+
+def decoder_gradients(model, pixels, ids, labels) -> list[torch.Tensor]:
+    model.train()
+    model(pixel_values=pixels, input_ids=ids, labels=labels).loss.backward()
+    grads = [p.grad.clone() for p in model.decoder.parameters()]
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return grads
+
+
+def test_cuda_graph_mode_hands_out_copies():
+    """Compile mode reduce-overhead wraps each compiled method so that its outputs are copies: a CUDA graph's
+    next replay reuses its output memory. (Graphs need a GPU; the copying is checked here.)"""
+    from modeling_clipseg_custom import copied_outputs
+
+    kept = [torch.zeros(2)]
+
+    def graphed(x):
+        kept[0].copy_(x)
+        return [kept[0], (kept[0], None)]
+
+    out = copied_outputs(graphed)(torch.ones(2))
+    graphed(torch.full((2,), 5.0))  # the "next replay" overwrites the graph's own output
+    assert torch.equal(out[0], torch.ones(2)) and torch.equal(out[1][0], torch.ones(2)) and out[1][1] is None
 
 
 def test_a_model_with_a_cast_backbone_is_not_saved_half_cast(tmp_path):

@@ -227,6 +227,11 @@ def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_
             "is not divisible by --phrases_per_image",
         ),
         (["--resume_from_checkpoint", "{tmp}"], "is not a checkpoint of this script"),
+        (["--compile_mode", "reduce-overhead"], "--compile_mode reduce-overhead needs --compile"),
+        (
+            ["--compile", "--compile_mode", "reduce-overhead", "--gradient_accumulation_steps", "2"],
+            "drop --gradient_accumulation_steps",
+        ),
     ],
 )
 def test_bad_arguments_end_with_a_clear_message(tmp_path, synthetic_data, tiny_clip_dir, extra, message):
@@ -266,13 +271,16 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_c
         "image_index": torch.tensor([0, 1]),
         "labels": torch.full((2, 32, 32), float("nan")),  # a broken target: the loss is NaN
     }
-    args = argparse.Namespace(max_grad_norm=None, max_nonfinite_losses=1)
+    args = argparse.Namespace(
+        max_grad_norm=None, max_nonfinite_losses=1, compile=False, compile_mode="default"
+    )
     state = {"step": 4, "nonfinite_losses": 0}
     before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state) is None
     assert state["nonfinite_losses"] == 1
     assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())  # not trained on
+    assert all(p.grad is None for p in trainable)  # its non-finite gradients are dropped
     with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
         run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state)
 
@@ -316,7 +324,8 @@ def torch_equal(a, b) -> bool:
 
 
 @pytest.mark.slow
-def test_compiled_towers_train_like_eager(tmp_path, synthetic_data, tiny_clip_dir):
+def test_compiled_model_trains_like_eager(tmp_path, synthetic_data, tiny_clip_dir):
+    """Towers, decoder and loss compiled by inductor (forward and backward): the same losses as eager."""
     logs = {}
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
         out = tmp_path / name
