@@ -334,3 +334,14 @@ def test_compiled_model_trains_like_eager(tmp_path, synthetic_data, tiny_clip_di
         log = json.loads((out / "training_log.json").read_text())["log_history"]
         logs[name] = [entry["train_loss"] for entry in log]
     assert logs["compiled"] == pytest.approx(logs["eager"], rel=1e-4)
+
+    # Two processes (DDP around the compiled model): it trains, and both hold the same decoder.
+    out = tmp_path / "compiled_ddp"
+    result = run_script(
+        train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "3", "--compile"),
+        launcher=two_process_launcher(29531),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["decoder_checksum_per_process"][0] == results["decoder_checksum_per_process"][1]
