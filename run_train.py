@@ -575,10 +575,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             collate_training,
             tokenizer=processor.tokenizer,
             max_length=model.config.text_config.max_position_embeddings,
+            # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
+            pad_to_multiple_of=16 if args.compile else None,
         ),
     )
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
-    # kernels for the head's transposed convolutions (about 10% of a step on an H200, benchmarks/RESULTS.md).
+    # kernels for the head's 3x3 convolution (it gave about 10% of a step on an H200 when the head's
+    # transposed convolutions were cuDNN's too, benchmarks/RESULTS.md).
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
     backbone_dtype = resolve_backbone_dtype(args.backbone_dtype, accelerator.mixed_precision)
     if backbone_dtype != torch.float32:
@@ -703,8 +706,8 @@ def train_loop(
 
 def train_batch(args, accelerator, model, optimizer, trainable, batch, state) -> float | None:
     """Forward, backward and (at the end of an accumulation) the optimizer step; the batch's loss, or None
-    when some process got a non-finite loss: then every process skips it, and the run stops after
-    --max_nonfinite_losses such batches."""
+    when some process got a non-finite loss: then every process skips the optimizer step it belongs to, and
+    the run stops after --max_nonfinite_losses such batches."""
     batch = model_inputs(batch, accelerator.device)
     if args.compile and args.compile_mode == "reduce-overhead":
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
@@ -718,19 +721,24 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
                 labels=batch["labels"],
             ).loss
         # The backward is issued before the finiteness check waits for the device: the host does not idle
-        # the GPU between forward and backward. A non-finite loss leaves non-finite gradients: dropped.
+        # the GPU between forward and backward. A non-finite loss leaves non-finite gradients: the whole
+        # optimizer step they belong to is dropped (with accumulation, its other batches too).
         accelerator.backward(loss)
         finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-        if finite:
+        dropping = not finite or state.pop("dropping_step", False)
+        if not dropping:
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
         else:
-            for param in trainable:  # with accumulation: this optimizer step's earlier batches too
+            for param in trainable:
                 param.grad = None
+            if not accelerator.sync_gradients:
+                state["dropping_step"] = True  # the rest of this optimizer step's batches
+        if not finite:
             state["nonfinite_losses"] += 1
             accelerator.print(
-                f"step {state['step'] + 1}: non-finite loss ({loss.item()}) on some process; batch skipped "
+                f"step {state['step'] + 1}: non-finite loss ({loss.item()}) on some process; step skipped "
                 f"({state['nonfinite_losses']} so far)"
             )
             if state["nonfinite_losses"] > args.max_nonfinite_losses:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
@@ -312,12 +313,26 @@ class TrainingSamples(Dataset):
         sample["text_weight"] = torch.tensor(weights)
 
 
-def tokenize(tokenizer: Any, phrases: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest phrase; cut phrases longer than the text tower (the end token is kept)."""
-    return tokenizer(list(phrases), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def tokenize(
+    tokenizer: Any, phrases: Sequence[str], max_length: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad to the longest phrase, rounded up to a multiple of `pad_to_multiple_of` (at most `max_length`: fewer
+    distinct shapes for a compiled model and its CUDA graphs; padding after the end token changes no
+    embedding); cut phrases longer than the text tower (the end token is kept)."""
+    tokens = tokenizer(
+        list(phrases), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    length = tokens["input_ids"].shape[1]
+    if pad_to_multiple_of and length % pad_to_multiple_of:
+        extra = min(max_length, length + pad_to_multiple_of - length % pad_to_multiple_of) - length
+        tokens["input_ids"] = F.pad(tokens["input_ids"], (0, extra), value=tokenizer.pad_token_id)
+        tokens["attention_mask"] = F.pad(tokens["attention_mask"], (0, extra), value=0)
+    return tokens
 
 
-def collate_training(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+def collate_training(
+    items: list[dict], tokenizer: Any, max_length: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Images uint8 [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S] (bool);
     `model_inputs` turns it into the model's inputs on the device."""
     phrases = [phrase for item in items for phrase in item["phrases"]]
@@ -325,7 +340,7 @@ def collate_training(items: list[dict], tokenizer: Any, max_length: int) -> dict
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "image_index": torch.tensor([i for i, item in enumerate(items) for _ in item["phrases"]]),
         "labels": torch.cat([item["masks"] for item in items]),
-        **tokenize(tokenizer, phrases, max_length),
+        **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
     }
     if "visual_pixel_values" in items[0]:
         batch["visual_pixel_values"] = torch.cat([item["visual_pixel_values"] for item in items])

@@ -16,6 +16,7 @@ from clipseg_tools.batching import (
     model_inputs,
     normalize_pixels,
     random_square_crop,
+    tokenize,
     visual_prompt,
 )
 from clipseg_tools.prompts import TEMPLATES, apply_template
@@ -158,3 +159,27 @@ def test_pixels_normalised_on_the_device_equal_the_processors_bit_for_bit():
     on_device = normalize_pixels(torch.stack([image_to_uint8(image) for image in images]))
     in_worker = torch.stack([image_to_tensor(image) for image in images])
     assert torch.equal(on_device, in_worker)
+
+
+def test_padding_rounded_up_changes_no_text_embedding(tiny_clip_dir):
+    """run_train.py --compile pads phrases to a multiple of 16 tokens (few shapes to compile): the same
+    embeddings as padding to the longest phrase, and never longer than the text tower."""
+    from transformers import AutoTokenizer
+
+    from modeling_clipseg_custom import ClipSegCustomModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    model = ClipSegCustomModel.from_clip(str(tiny_clip_dir), image_size=32, extract_layers=[0, 1]).eval()
+    phrases = ["red circle", "small blue square left of the big green triangle", "star"]
+    longest = tokenize(tokenizer, phrases, max_length=16)
+    rounded = tokenize(tokenizer, phrases, max_length=16, pad_to_multiple_of=5)
+    capped = tokenize(tokenizer, phrases, max_length=16, pad_to_multiple_of=10)
+    length = longest["input_ids"].shape[1]
+    assert 10 < length < 15  # so that 5 rounds up within the tower's 16 and 10 would pass it
+    assert rounded["input_ids"].shape[1] == 15 and capped["input_ids"].shape[1] == 16
+    assert (rounded["attention_mask"][:, length:] == 0).all()
+    with torch.no_grad():
+        expected = model.text_embeddings(longest["input_ids"], longest["attention_mask"])
+        for tokens in (rounded, capped):
+            got = model.text_embeddings(tokens["input_ids"], tokens["attention_mask"])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -284,6 +284,22 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_c
     with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
         run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state)
 
+    # With accumulation, a non-finite batch drops its whole optimizer step: the finite batch after it too.
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = {"step": 0, "nonfinite_losses": 0}
+    args.max_nonfinite_losses = 5
+    finite_batch = {**batch, "labels": torch.rand(2, 32, 32)}
+    assert run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state) is None
+    assert (
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite_batch, state) is not None
+    )
+    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())
+    assert "dropping_step" not in state  # the next optimizer step trains again
+    for _ in range(2):
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite_batch, state)
+    assert not all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())
+
 
 def test_low_precision_backbone_trains_and_the_saved_model_keeps_the_float32_clip(
     tmp_path, synthetic_data, tiny_clip_dir
