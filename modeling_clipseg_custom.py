@@ -340,6 +340,12 @@ class ClipSegCustomModel(PreTrainedModel):
         operations. Options and copies as `compile_backbone`."""
         return self._compile("decoder", compile_options)
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the decoder replays CUDA graphs (compile mode "reduce-overhead"): a training loop then calls
+        `torch.compiler.cudagraph_mark_step_begin()` before each step."""
+        return getattr(self, "_compile_options", {}).get("decoder", {}).get("mode") == "reduce-overhead"
+
     def _compile(self, part: str, compile_options: dict[str, Any]) -> ClipSegCustomModel:
         self._compile_options = {**getattr(self, "_compile_options", {}), part: dict(compile_options)}
         for name in COMPILED_METHODS[part]:
@@ -496,10 +502,14 @@ class ClipSegCustomModel(PreTrainedModel):
         if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
             activations = [activation.to(self.decoder_dtype) for activation in activations]
             conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
-        patch = self.config.vision_config.patch_size
-        grid = (pixel_values.shape[2] // patch, pixel_values.shape[3] // patch)
+        grid = self.token_grid(pixel_values)
         logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
         return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
+
+    def token_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """Rows and columns of patch tokens for images of this size."""
+        patch = self.config.vision_config.patch_size
+        return pixel_values.shape[2] // patch, pixel_values.shape[3] // patch
 
     def _decode(
         self,

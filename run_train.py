@@ -709,7 +709,7 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
     when some process got a non-finite loss: then every process skips the optimizer step it belongs to, and
     the run stops after --max_nonfinite_losses such batches."""
     batch = model_inputs(batch, accelerator.device)
-    if args.compile and args.compile_mode == "reduce-overhead":
+    if accelerator.unwrap_model(model).cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
     with accelerator.accumulate(model):
         with accelerator.autocast():

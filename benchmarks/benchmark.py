@@ -198,7 +198,7 @@ def make_optimizer(model) -> torch.optim.Optimizer:
 def begin_step(model) -> None:
     """Tells CUDA graphs (compile mode "reduce-overhead") that a new step begins: the outputs of the previous
     one may be overwritten."""
-    if getattr(model, "_compile_options", {}).get("decoder", {}).get("mode") == "reduce-overhead":
+    if getattr(model, "cuda_graphs", False):  # transformers' model has none
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -463,8 +463,7 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
     boundaries, and the host's time to issue the stage. Where the host's time is close to the device's, the
     host (Python and kernel launches) is the limit. Medians over `repeats` steps after warm-up, milliseconds."""
     optimizer = make_optimizer(model)
-    patch = model.config.vision_config.patch_size
-    grid = (batch["pixel_values"].shape[2] // patch, batch["pixel_values"].shape[3] // patch)
+    grid = model.token_grid(batch["pixel_values"])
     model.train()
 
     def mark(marks: list) -> None:
