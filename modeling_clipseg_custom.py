@@ -84,6 +84,75 @@ def copied_outputs(graphed: Callable) -> Callable:
     return call
 
 
+class TowerGraph:
+    """Both frozen towers as one CUDA graph per input shape, the text tower on a high-priority side stream beside
+    the vision tower: one launch for the towers' hundreds of kernels (the text tower's small kernels were all
+    launch time), and the text tower's time hidden under the vision tower's. What compile mode
+    "reduce-overhead" does to the towers on a GPU. Inputs are copied into the graph's own buffers, outputs out
+    of them (a later replay overwrites them)."""
+
+    def __init__(self, model: ClipSegCustomModel):
+        self.model = model
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None  # one memory pool for all shapes' graphs: they never run at the same time
+        self.side_stream = self.warmup_stream = None
+
+    def __call__(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        given = (pixel_values, input_ids, attention_mask)
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        # A graph reads the weights where they were at capture: moved or cast weights need a new one.
+        weights = tuple(
+            tower.embeddings.position_embedding.weight.data_ptr() for tower in self._towers_of_clip()
+        )
+        key = (autocast, weights, *((None if t is None else (t.shape, t.dtype, t.device)) for t in given))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(given)
+        graph, buffers, (activations, text) = self.graphs[key]
+        for buffer, tensor in zip(buffers, given):
+            if tensor is not None:
+                buffer.copy_(tensor)
+        graph.replay()
+        return [activation.clone() for activation in activations], text.clone()
+
+    def _towers_of_clip(self) -> tuple[nn.Module, nn.Module]:
+        return self.model.clip.vision_model, self.model.clip.text_model
+
+    def _towers(self, pixel_values, input_ids, attention_mask):
+        main = torch.cuda.current_stream()
+        self.side_stream.wait_stream(main)
+        with torch.no_grad(), self.model._backbone_precision(pixel_values.device):
+            with torch.cuda.stream(self.side_stream):
+                text = self.model._text_features(input_ids, attention_mask)
+            activations = self.model._vision_blocks(pixel_values)
+        main.wait_stream(self.side_stream)
+        return activations, text
+
+    def _capture(self, given: tuple) -> tuple:
+        pixels, input_ids, attention_mask = given
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(pixels.device, priority=-1)
+            self.warmup_stream = torch.cuda.Stream(pixels.device)
+        buffers = (
+            pixels.to(self.model.backbone_dtype, copy=True),
+            input_ids.clone(),
+            None if attention_mask is None else attention_mask.clone(),
+        )
+        # Warm up on another stream first, as CUDA graph capture requires: compiles, autotunes, allocates.
+        self.warmup_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.warmup_stream):
+            for _ in range(3):
+                self._towers(*buffers)
+        torch.cuda.current_stream().wait_stream(self.warmup_stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (a data loader's pin-memory thread) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            outputs = self._towers(*buffers)
+        self.pool = graph.pool()
+        return graph, buffers, outputs
+
+
 class FrozenQuickGELU(nn.Module):
     """CLIP's quick_gelu, x * sigmoid(1.702 x), with one temporary instead of three when no gradient flows
     (CLIP is frozen): the same values bit for bit, less memory traffic (a few % of a CPU forward)."""
@@ -348,16 +417,21 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def _compile(self, part: str, compile_options: dict[str, Any]) -> ClipSegCustomModel:
         self._compile_options = {**getattr(self, "_compile_options", {}), part: dict(compile_options)}
+        graphs = compile_options.get("mode") == "reduce-overhead"
+        if part == "backbone" and graphs:
+            # The towers' graphs are the project's own (TowerGraph): both towers side by side in one graph.
+            compile_options = {k: v for k, v in compile_options.items() if k != "mode"}
+            self._tower_graph = TowerGraph(self)
         for name in COMPILED_METHODS[part]:
             compiled = torch.compile(getattr(type(self), name).__get__(self), **compile_options)
-            if compile_options.get("mode") == "reduce-overhead":
+            if graphs and part == "decoder":
                 compiled = copied_outputs(compiled)
             setattr(self, name, compiled)
         return self
 
     def __getstate__(self) -> dict[str, Any]:
         # The compiled functions are bound to this instance: a copy must not run this model's modules.
-        compiled = {name for names in COMPILED_METHODS.values() for name in names}
+        compiled = {name for names in COMPILED_METHODS.values() for name in names} | {"_tower_graph"}
         return {k: v for k, v in super().__getstate__().items() if k not in compiled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -492,19 +566,37 @@ class ClipSegCustomModel(PreTrainedModel):
         if kwargs:
             raise TypeError(f"ClipSegCustomModel.forward got unexpected arguments: {sorted(kwargs)}")
         self._check_pixels(pixel_values, "pixel_values")
-        conditional_embeddings = self._conditional_embeddings(
-            input_ids, attention_mask, conditional_pixel_values, conditional_embeddings, text_weight
+        text_only = (
+            input_ids is not None and conditional_pixel_values is None and conditional_embeddings is None
         )
+        if text_only and len(input_ids) and self._graphs_towers(pixel_values):
+            activations, conditional_embeddings = self.tower_features(pixel_values, input_ids, attention_mask)
+        else:
+            conditional_embeddings = self._conditional_embeddings(
+                input_ids, attention_mask, conditional_pixel_values, conditional_embeddings, text_weight
+            )
+            activations = self.vision_activations(pixel_values)
         num_images, num_prompts = pixel_values.shape[0], conditional_embeddings.shape[0]
         image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
-
-        activations = self.vision_activations(pixel_values)
         if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
             activations = [activation.to(self.decoder_dtype) for activation in activations]
             conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
         grid = self.token_grid(pixel_values)
         logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
         return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
+
+    def tower_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`vision_activations` and `text_embeddings` at once; with `compile_backbone(mode="reduce-overhead")` on
+        a GPU both towers run side by side in one CUDA graph (`TowerGraph`)."""
+        if not self._graphs_towers(pixel_values):
+            return self.vision_activations(pixel_values), self.text_embeddings(input_ids, attention_mask)
+        input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
+        return self._tower_graph(pixel_values, input_ids, attention_mask)
+
+    def _graphs_towers(self, pixel_values: torch.Tensor) -> bool:
+        return getattr(self, "_tower_graph", None) is not None and pixel_values.is_cuda
 
     def token_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """Rows and columns of patch tokens for images of this size."""

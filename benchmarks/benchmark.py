@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -187,6 +189,18 @@ def timed(fn, device, warmup, repeats) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def back_to_back(fn, device, repeats) -> float:
+    """Seconds per run of `repeats` runs issued one after another, the device synchronised only before and
+    after: what a training loop that never waits for a step sees (the host queues the next step while the
+    device finishes this one). After `timed`, so warmed up."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
 
 
 def make_optimizer(model) -> torch.optim.Optimizer:
@@ -438,24 +452,83 @@ def main(argv=None) -> dict:
 
 
 def profile_step(args, model, batch, device, autocast) -> None:
-    """Operators of three training steps by time on the device (CPU time on a CPU), to --profile."""
-    from torch.profiler import ProfilerActivity, profile
+    """Operators of three training steps by time on the device (CPU time on a CPU), to --profile; on a GPU also
+    the trace (--profile + ".trace.json.gz") and where the device waited (--profile + ".gaps.txt")."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     step = train_step_fn(model, ours_call, batch, autocast)
     for _ in range(args.warmup):
         step()
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         for _ in range(3):
-            step()
-        synchronize(device)
+            with record_function(TRACED_STEP):
+                step()
+                synchronize(device)
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
     Path(args.profile).write_text(table)
     print(table.splitlines()[-2:], flush=True)
+    if device.type == "cuda":
+        trace = args.profile + ".trace.json"
+        profiler.export_chrome_trace(trace)
+        report = device_gaps(json.loads(Path(trace).read_text())["traceEvents"])
+        Path(args.profile + ".gaps.txt").write_text(report)
+        print(report, flush=True)
+        with open(trace, "rb") as raw, gzip.open(trace + ".gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        Path(trace).unlink()
+
+
+TRACED_STEP = "benchmark training step"
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_WORK = ("cpu_op", "user_annotation", "cuda_runtime")
+
+
+def device_gaps(events: list[dict], min_gap_us: float = 20.0, shown: int = 8) -> str:
+    """Per profiled step (a TRACED_STEP annotation, the device synchronised at its end): its wall time, the time
+    the device was busy, and the longest stretches with no kernel or copy running, each with what the host was
+    doing then (the host operations around the gap's middle, outermost first) and the kernel that ended it."""
+    device = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events if e.get("cat") in DEVICE_WORK)
+    host = [e for e in events if e.get("cat") in HOST_WORK and e.get("name") != TRACED_STEP]
+    steps = sorted(
+        (e for e in events if e.get("name") == TRACED_STEP and e.get("cat") == "user_annotation"),
+        key=lambda e: e["ts"],
+    )
+    lines = []
+    for number, step in enumerate(steps):
+        begin, end = step["ts"], step["ts"] + step["dur"]
+        gaps, busy, cursor = [], 0.0, begin
+        for start, stop, name in device:
+            if stop <= begin or start >= end:
+                continue
+            start, stop = max(start, begin), min(stop, end)
+            if start - cursor >= min_gap_us:
+                gaps.append((start - cursor, cursor, name))
+            busy += max(0.0, stop - max(start, cursor))
+            cursor = max(cursor, stop)
+        if end - cursor >= min_gap_us:
+            gaps.append((end - cursor, cursor, "(end of step)"))
+        idle = sum(g[0] for g in gaps)
+        lines.append(
+            f"step {number}: wall {step['dur'] / 1e3:.2f} ms, device busy {busy / 1e3:.2f} ms "
+            f"({busy / step['dur']:.0%}), {len(gaps)} gaps of {min_gap_us:.0f} us or more: {idle / 1e3:.2f} ms"
+        )
+        for length, start, next_kernel in sorted(gaps, reverse=True)[:shown]:
+            middle = start + length / 2
+            around = sorted(
+                (e for e in host if e["ts"] <= middle <= e["ts"] + e["dur"]), key=lambda e: -e["dur"]
+            )
+            doing = " > ".join(e["name"][:60] for e in around[:5]) or "(nothing traced)"
+            lines.append(
+                f"  {length / 1e3:6.3f} ms at +{(start - begin) / 1e3:6.2f} ms | host: {doing} | then: {next_kernel[:60]}"
+            )
+    return "\n".join(lines) + "\n"
 
 
 STAGES = ("text tower", "vision tower", "decoder + loss", "backward", "optimizer")
+GRAPHED_STAGES = ("towers (text beside vision)", "decoder + loss", "backward", "optimizer")
 
 
 def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[str, float]]:
@@ -464,6 +537,8 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
     host (Python and kernel launches) is the limit. Medians over `repeats` steps after warm-up, milliseconds."""
     optimizer = make_optimizer(model)
     grid = model.token_grid(batch["pixel_values"])
+    graphed = model._graphs_towers(batch["pixel_values"])  # both towers in one graph: one stage
+    stages = GRAPHED_STAGES if graphed else STAGES
     model.train()
 
     def mark(marks: list) -> None:
@@ -478,9 +553,14 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
         synchronize(device)
         with autocast():
             mark(marks)
-            embeddings = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
-            mark(marks)
-            activations = model.vision_activations(batch["pixel_values"])
+            if graphed:
+                activations, embeddings = model.tower_features(
+                    batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+                )
+            else:
+                embeddings = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
+                mark(marks)
+                activations = model.vision_activations(batch["pixel_values"])
             mark(marks)
             loss = model._decode(activations, embeddings, batch["image_index"], grid, batch["labels"])[1]
             mark(marks)
@@ -496,8 +576,8 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
         step()
     runs = [step() for _ in range(repeats)]
     times = {}
-    for i, stage in enumerate((*STAGES, "whole step")):
-        first, last = (0, len(STAGES)) if stage == "whole step" else (i, i + 1)
+    for i, stage in enumerate((*stages, "whole step")):
+        first, last = (0, len(stages)) if stage == "whole step" else (i, i + 1)
         host = [(run[last][0] - run[first][0]) * 1e3 for run in runs]
         times[stage] = {"host_ms": statistics.median(host)}
         if device.type == "cuda":
@@ -509,7 +589,7 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
 def print_stages(name: str, times: dict[str, dict[str, float]]) -> None:
     print(f"stages of a training step, {name} (ms: device / host issuing it)", flush=True)
     for stage, t in times.items():
-        print(f"{stage:>16}: {t.get('device_ms', float('nan')):8.2f} / {t['host_ms']:8.2f}", flush=True)
+        print(f"{stage:>28}: {t.get('device_ms', float('nan')):8.2f} / {t['host_ms']:8.2f}", flush=True)
 
 
 def check_compiled_decoders(variants, base, dtype, batch, autocast) -> dict[str, float | str]:
@@ -546,6 +626,7 @@ def run_case(args, case, make, batch, theirs, variants, device, autocast) -> dic
     theirs_error = relative_error(forward_fn(theirs, theirs_call, batch, autocast)(), reference)
     theirs_fn = make(theirs, theirs_call, batch, autocast)
     t_theirs = timed(theirs_fn, device, args.warmup, args.repeats)
+    training = make is train_step_fn
     row = {
         "phrases_per_image": int(pairs // batch["pixel_values"].shape[0]),
         "pairs_per_step": pairs,
@@ -555,6 +636,10 @@ def run_case(args, case, make, batch, theirs, variants, device, autocast) -> dic
         "transformers_relative_error": theirs_error,
         "variants": {},
     }
+    if training:
+        row["transformers_back_to_back_pairs_per_second"] = pairs / back_to_back(
+            theirs_fn, device, args.repeats
+        )
     for name, model in variants.items():
         try:
             if isinstance(errors[name], Exception):
@@ -568,6 +653,8 @@ def run_case(args, case, make, batch, theirs, variants, device, autocast) -> dic
                 "peak_memory_gb": peak_memory_gb(device, fn),
                 "relative_error": errors[name],
             }
+            if training:
+                result["back_to_back_pairs_per_second"] = pairs / back_to_back(fn, device, args.repeats)
         except Exception as failure:  # noqa: BLE001 (reported in the table)
             result = {"failed": f"{type(failure).__name__}: {str(failure)[:500]}"}
         row["variants"][name] = result
@@ -613,7 +700,13 @@ def print_row(case: str, name: str, row: dict, result: dict) -> None:
         f"{case:>14} {name:>21}: ours {result['pairs_per_second']:9.2f} pairs/s ({result['seconds'] * 1e3:8.1f} ms)"
         f" | transformers {row['transformers_pairs_per_second']:9.2f} pairs/s "
         f"({row['transformers_seconds'] * 1e3:8.1f} ms) | x{result['speedup']:.2f} | rel. error {result['relative_error']:.1e}"
-        f" (transformers {row['transformers_relative_error']:.1e})",
+        f" (transformers {row['transformers_relative_error']:.1e})"
+        + (
+            f" | back to back: ours {result['back_to_back_pairs_per_second']:.2f}, transformers "
+            f"{row['transformers_back_to_back_pairs_per_second']:.2f} pairs/s"
+            if "back_to_back_pairs_per_second" in result
+            else ""
+        ),
         flush=True,
     )
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool's `run`), at most 7 minutes: what the second GPU session left open.
+# One call on a lent GPU (the device tool's `run`), at most 8 minutes:
 #
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=480)
 #
-# 1. run_train.py itself on the GPU: eager, --compile, and --compile --compile_mode reduce-overhead (CUDA
-#    graphs) on one small job: the same losses (benchmarks/train_check.py); meanwhile the loop's data is written
-#    and stored at the model's size;
+# 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers);
+# 1. run_train.py itself on the GPU: eager and --compile --compile_mode reduce-overhead (CUDA graphs) on one
+#    small job: the same losses (benchmarks/train_check.py); meanwhile the loop's data is written and stored at
+#    the model's size;
 # 2. ours with CUDA graphs (run_train.py --compile --compile_mode reduce-overhead) against transformers'
-#    CLIPSeg on every case, bf16, batch 64, with the stages and an operator profile;
+#    CLIPSeg on every case, bf16, batch 64, with the stages, an operator profile and the device's idle gaps;
 # 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes).
 # Each part is its own process with its own time limit. The GPU image has torch, transformers and accelerate
 # but not `datasets`: the wheels of datasets and its missing dependencies go in .whl/ (benchmarks/RESULTS.md
@@ -45,17 +46,23 @@ python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import benchmark as b;
 b.loop_data(b.parse_args(sys.argv[1:]))" "${loop[@]}" > "$OUT/loop_data.log" 2>&1 &
 prep=$!
 start=$SECONDS
-timeout 170 python3 benchmarks/train_check.py --steps 12 2>&1 | quiet | tee "$OUT/part1_train_check.log"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/part0_gpu_tests.log"
+echo "[part0_gpu_tests: $((SECONDS - start)) s]" | tee -a "$OUT/part0_gpu_tests.log"
+start=$SECONDS
+timeout 150 python3 benchmarks/train_check.py --steps 12 --runs eager cuda_graphs 2>&1 | quiet \
+  | tee "$OUT/part1_train_check.log"
 echo "[part1_train_check: $((SECONDS - start)) s]" | tee -a "$OUT/part1_train_check.log"
 wait $prep
 
-run part2_graphs 200 --variants lowp_graphs --cases stages train_step inference prompts_K train_step_K loop \
+run part2_graphs 240 --variants lowp_graphs --cases stages train_step inference prompts_K train_step_K loop \
   "${loop[@]}" --profile "$OUT/profile_lowp_graphs.txt"
 
 echo "== summary =="
 cat "$OUT/machine.txt"
+grep -h -E "passed|failed|error|\[part" "$OUT"/part0*.log
 grep -h -E "s\): |difference|agree|\[part" "$OUT"/part1*.log
-grep -h -E "GFLOP|error vs eager|failed|FAILED|^ +[a-z_0-9]+ +[a-z_]+:|^stages|^ +[a-z +]+: +[0-9.n]+ / |\[part" \
+grep -h -E "GFLOP|error vs eager|failed|FAILED|^ +[a-z_0-9]+ +[a-z_]+:|^stages|^ +[a-z +()]+: +[0-9.n]+ / |\[part" \
   "$OUT"/part2*.log
 tail -n 3 "$OUT/loop_data.log"
 head -n 30 "$OUT/profile_lowp_graphs.txt"
+cat "$OUT/profile_lowp_graphs.txt.gaps.txt"

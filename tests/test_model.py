@@ -510,3 +510,22 @@ def test_a_model_with_a_cast_backbone_is_not_saved_half_cast(tmp_path):
     with pytest.raises(ValueError, match="cast_backbone"):
         model.save_pretrained(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_graphed_towers_fall_back_to_the_compiled_towers_off_a_gpu(pixels):
+    """Compile mode reduce-overhead gives the towers the project's own CUDA graph (tests/test_gpu.py); on a CPU
+    the compiled towers run as they are, with the same logits, and copies compile again."""
+    torch.manual_seed(0)
+    model = ClipSegCustomModel(tiny_config(decoder_dropout=0.0)).eval()
+    ids = token_ids(3)
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_ids=ids).logits
+    model.compile_backbone(backend="eager", mode="reduce-overhead")
+    assert model._tower_graph is not None and not model._graphs_towers(pixels)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=pixels, input_ids=ids).logits, reference)
+        activations, embeddings = model.tower_features(pixels, ids)
+    assert torch.equal(embeddings, model.text_embeddings(ids))
+    assert all(torch.equal(a, b) for a, b in zip(activations, model.vision_activations(pixels)))
+    clone = copy.deepcopy(model)
+    assert clone._tower_graph is not model._tower_graph and clone._tower_graph.model is clone

@@ -1,0 +1,31 @@
+"""The benchmark's trace reading: where the device waited during a profiled step."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from benchmark import TRACED_STEP, device_gaps  # noqa: E402
+
+
+def event(cat, name, ts, dur):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+
+def test_device_gaps_finds_idle_device_time_and_what_the_host_did():
+    events = [
+        event("user_annotation", TRACED_STEP, 0, 1000),
+        event("cpu_op", "aten::linear", 0, 300),
+        event("cpu_op", "aten::mm", 100, 150),
+        event("kernel", "gemm", 250, 200),  # 250 us idle first: the host was in linear > mm
+        event("kernel", "gelu", 455, 40),  # 5 us: under the threshold
+        event("cuda_runtime", "cudaGraphLaunch", 500, 100),
+        event("kernel", "graph kernel", 700, 250),  # 205 us idle while the graph was launched
+        event("gpu_memcpy", "Memcpy DtoH", 962, 10),  # 28 us left at the end
+        event("kernel", "outside the step", 2000, 50),
+    ]
+    report = device_gaps(events).splitlines()
+    assert report[0] == "step 0: wall 1.00 ms, device busy 0.50 ms (50%), 3 gaps of 20 us or more: 0.48 ms"
+    assert report[1] == "   0.250 ms at +  0.00 ms | host: aten::linear > aten::mm | then: gemm"
+    assert report[2] == "   0.205 ms at +  0.49 ms | host: cudaGraphLaunch | then: graph kernel"
+    assert report[3].startswith("   0.028 ms at +  0.97 ms | host: (nothing traced) | then: (end of step)")
