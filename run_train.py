@@ -461,6 +461,15 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[
 # ----------------------------------------------------------------------------------------------------
 
 
+def prompt_inputs(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The prompts as the model takes them: phrases alone go in as tokens (the model then runs both towers
+    together, in one CUDA graph with --compile_mode reduce-overhead); with example images (PC+), mixed
+    embeddings."""
+    if "visual_pixel_values" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"conditional_embeddings": conditional_embeddings(model, batch)}
+
+
 def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Text embeddings, mixed with example-image embeddings where the batch carries them (PC+)."""
     embeddings = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
@@ -713,10 +722,9 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            embeddings = conditional_embeddings(accelerator.unwrap_model(model), batch)
             loss = model(
                 pixel_values=batch["pixel_values"],
-                conditional_embeddings=embeddings,
+                **prompt_inputs(accelerator.unwrap_model(model), batch),
                 image_index=batch["image_index"],
                 labels=batch["labels"],
             ).loss
