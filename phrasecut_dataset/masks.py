@@ -59,8 +59,13 @@ def polygons_to_mask(polygons: Sequence, height: int, width: int) -> np.ndarray:
 
 
 def resize_image(image: Image.Image, size: int) -> Image.Image:
-    """Convert to RGB and squash the whole image to size x size with PIL bilinear (no crop, as in CLIPSeg)."""
-    return image.convert("RGB").resize((size, size), Image.BILINEAR)
+    """Convert to RGB and squash the whole image to size x size with PIL bilinear (no crop, as in CLIPSeg).
+    An RGB image already of that size (a crop of an image stored at the model's size) is returned as is:
+    two copies fewer per training sample."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.BILINEAR)
 
 
 def image_to_tensor(
@@ -79,8 +84,11 @@ def _nearest_indices(source: int, target: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask [H, W] (or a stack [K, H, W]) to size x size or (height, width)."""
+    """Nearest-neighbour resize of a bool mask [H, W] (or a stack [K, H, W]) to size x size or (height, width).
+    A mask already of that size is returned as is."""
     height, width = (size, size) if isinstance(size, int) else size
+    if mask.shape[-2:] == (height, width):
+        return mask
     rows = _nearest_indices(mask.shape[-2], height)
     cols = _nearest_indices(mask.shape[-1], width)
     # Two 1-D gathers: several times faster than one 2-D fancy index.
@@ -104,6 +112,9 @@ def decode_image(image_cell: Any) -> Image.Image:
         image = Image.open(io.BytesIO(image_cell))
     else:
         image = Image.open(image_cell)
+    if image.mode == "RGB":
+        image.load()  # decode now (errors surface here) and close the file; convert would also copy
+        return image
     return image.convert("RGB")
 
 

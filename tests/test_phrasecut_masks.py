@@ -101,6 +101,28 @@ def test_resize_image_converts_grey_and_squashes():
     assert out.mode == "RGB" and out.size == (16, 16)
 
 
+def test_images_and_masks_already_at_the_size_are_kept_as_they_are():
+    """A crop of an image stored at the model's size needs no resize: the same pixels, no copies."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert resize_image(image, 16) is image
+    np.testing.assert_array_equal(np.asarray(image.resize((16, 16), Image.BILINEAR)), np.asarray(image))
+    grey = Image.new("L", (16, 16), 7)
+    assert resize_image(grey, 16).mode == "RGB"
+    mask = np.random.default_rng(1).random((2, 16, 16)) > 0.5
+    assert resize_mask(mask, 16) is mask
+    from phrasecut_dataset.masks import _nearest_indices
+
+    for size in (7, 16, 352, 500):  # what the general path would do at the same size: nothing
+        np.testing.assert_array_equal(_nearest_indices(size, size), np.arange(size))
+
+
+def test_a_broken_jpeg_fails_in_decode_image():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buffer, format="JPEG")
+    with pytest.raises(OSError):
+        decode_image(buffer.getvalue()[:200])  # truncated: the error comes from decoding, here
+
+
 def test_decode_image_accepts_every_cell_form(tmp_path):
     image = Image.new("CMYK", (7, 5), (10, 20, 30, 0))
     buffer = io.BytesIO()
