@@ -13,7 +13,8 @@ rounding):
 - the decoder has the original's dropout for training;
 - non-square inputs work (the token grid is taken from the input size);
 - the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`); the towers and the decoder with its
-  loss can be compiled (`compile_backbone`, `compile_decoder`), also with CUDA graphs;
+  loss can be compiled (`compile_backbone`, `compile_decoder`), also with CUDA graphs (the two towers in one
+  graph, side by side: `TowerGraph`);
 - CLIP's patch embedding and the head's transposed convolutions (kernel = stride) run as matrix products
   (`PatchConv2d`, `PatchTransposedConv2d`): faster on a GPU than cuDNN's kernels for these shapes, and
   compilable forward and backward;
@@ -68,9 +69,9 @@ class ClipSegCustomOutput(ModelOutput):
 
 
 def copied_outputs(graphed: Callable) -> Callable:
-    """CUDA graphs (compile mode "reduce-overhead") return tensors in memory that their next replay reuses:
-    the text embeddings were overwritten by the vision graph before the decoder read them. Copies (a few MB
-    per step) outlive the next replay; gradients still flow through them."""
+    """CUDA graphs (compile mode "reduce-overhead") return tensors in memory that their next replay reuses: the
+    compiled decoder's logits would change under a caller that keeps them across steps. Copies (a few MB per
+    step) outlive the next replay; gradients still flow through them."""
 
     def copy(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -103,8 +104,10 @@ class TowerGraph:
         given = (pixel_values, input_ids, attention_mask)
         autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
         # A graph reads the weights where they were at capture: moved or cast weights need a new one.
+        clip = self.model.clip
         weights = tuple(
-            tower.embeddings.position_embedding.weight.data_ptr() for tower in self._towers_of_clip()
+            tower.embeddings.position_embedding.weight.data_ptr()
+            for tower in (clip.vision_model, clip.text_model)
         )
         key = (autocast, weights, *((None if t is None else (t.shape, t.dtype, t.device)) for t in given))
         if key not in self.graphs:
@@ -115,9 +118,6 @@ class TowerGraph:
                 buffer.copy_(tensor)
         graph.replay()
         return [activation.clone() for activation in activations], text.clone()
-
-    def _towers_of_clip(self) -> tuple[nn.Module, nn.Module]:
-        return self.model.clip.vision_model, self.model.clip.text_model
 
     def _towers(self, pixel_values, input_ids, attention_mask):
         main = torch.cuda.current_stream()

@@ -490,7 +490,7 @@ def decoder_gradients(model, pixels, ids, labels) -> list[torch.Tensor]:
 
 
 def test_cuda_graph_mode_hands_out_copies():
-    """Compile mode reduce-overhead wraps each compiled method so that its outputs are copies: a CUDA graph's
+    """Compile mode reduce-overhead wraps the compiled decoder so that its outputs are copies: a CUDA graph's
     next replay reuses its output memory. (Graphs need a GPU; the copying is checked here.)"""
     from modeling_clipseg_custom import copied_outputs
 
