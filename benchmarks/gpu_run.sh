@@ -2,6 +2,7 @@
 # One call on a lent GPU (the device tool's `run`), at most 8 minutes:
 #
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=480)
+#   run(command="LOOP_ONLY=1 bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=300)  # step + fed loop only
 #
 # 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers);
 # 1. run_train.py itself on the GPU: eager and --compile --compile_mode reduce-overhead (CUDA graphs) on one
@@ -45,6 +46,12 @@ run() {  # run NAME SECONDS ARGS...
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import benchmark as b; \
 b.loop_data(b.parse_args(sys.argv[1:]))" "${loop[@]}" > "$OUT/loop_data.log" 2>&1 &
 prep=$!
+if [[ "${LOOP_ONLY:-0}" == 1 ]]; then
+  wait $prep
+  run part2_loop 240 --variants lowp_graphs --cases train_step loop "${loop[@]}"
+  grep -h -E "^ +[a-z_0-9]+ +[a-z_]+:|\[part" "$OUT"/part2*.log
+  exit 0
+fi
 start=$SECONDS
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/part0_gpu_tests.log"
 echo "[part0_gpu_tests: $((SECONDS - start)) s]" | tee -a "$OUT/part0_gpu_tests.log"
