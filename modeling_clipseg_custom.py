@@ -122,10 +122,9 @@ class TowerGraph:
     def _towers(self, pixel_values, input_ids, attention_mask):
         main = torch.cuda.current_stream()
         self.side_stream.wait_stream(main)
-        with torch.no_grad(), self.model._backbone_precision(pixel_values.device):
-            with torch.cuda.stream(self.side_stream):
-                text = self.model._text_features(input_ids, attention_mask)
-            activations = self.model._vision_blocks(pixel_values)
+        with torch.cuda.stream(self.side_stream):
+            text = self.model.text_embeddings(input_ids, attention_mask)
+        activations = self.model.vision_activations(pixel_values)
         main.wait_stream(self.side_stream)
         return activations, text
 
@@ -569,7 +568,7 @@ class ClipSegCustomModel(PreTrainedModel):
         text_only = (
             input_ids is not None and conditional_pixel_values is None and conditional_embeddings is None
         )
-        if text_only and len(input_ids) and self._graphs_towers(pixel_values):
+        if text_only and len(input_ids):
             activations, conditional_embeddings = self.tower_features(pixel_values, input_ids, attention_mask)
         else:
             conditional_embeddings = self._conditional_embeddings(
@@ -592,6 +591,7 @@ class ClipSegCustomModel(PreTrainedModel):
         a GPU both towers run side by side in one CUDA graph (`TowerGraph`)."""
         if not self._graphs_towers(pixel_values):
             return self.vision_activations(pixel_values), self.text_embeddings(input_ids, attention_mask)
+        # Cut long phrases here: cutting reads values back (a boolean index), which a graph cannot hold.
         input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
         return self._tower_graph(pixel_values, input_ids, attention_mask)
 

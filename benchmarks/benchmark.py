@@ -221,16 +221,17 @@ def train_step_fn(model, call, batch, autocast):
     # Once, as a training loop does (not per step): setting the mode walks every module, about 1 ms of host
     # time that would otherwise sit in each timed step of both models. The step is timed right after this.
     model.train()
+    return partial(training_step, model, call, batch, autocast, optimizer)
 
-    def step():
-        begin_step(model)
-        with autocast():
-            loss = call(model, batch, True).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return step
+def training_step(model, call, batch, autocast, optimizer) -> None:
+    """Forward with the loss, backward, optimizer step: the step every training case times."""
+    begin_step(model)
+    with autocast():
+        loss = call(model, batch, True).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def forward_fn(model, call, batch, autocast):
@@ -329,12 +330,7 @@ def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
                 start = time.perf_counter()
             batch = model_inputs(next(batches), device)
             if train:
-                begin_step(model)
-                with autocast():
-                    loss = call(model, batch, True).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                training_step(model, call, batch, autocast, optimizer)
             pairs += batch["labels"].shape[0] if step >= warmup else 0
         synchronize(device)
         return pairs / (time.perf_counter() - start)
