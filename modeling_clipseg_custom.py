@@ -90,10 +90,12 @@ class TowerGraph:
     the vision tower: one launch for the towers' hundreds of kernels (the text tower's small kernels were all
     launch time), and the text tower's time hidden under the vision tower's. What compile mode
     "reduce-overhead" does to the towers on a GPU. Inputs are copied into the graph's own buffers, outputs out
-    of them (a later replay overwrites them)."""
+    of them (a later replay overwrites them). Each graph keeps its buffers: past `max_graphs` shapes (an
+    evaluation's batches vary in phrase count) new shapes run the compiled towers without a graph."""
 
-    def __init__(self, model: ClipSegCustomModel):
+    def __init__(self, model: ClipSegCustomModel, max_graphs: int = 8):
         self.model = model
+        self.max_graphs = max_graphs
         self.graphs: dict[tuple, tuple] = {}
         self.pool = None  # one memory pool for all shapes' graphs: they never run at the same time
         self.side_stream = self.warmup_stream = None
@@ -111,6 +113,8 @@ class TowerGraph:
         )
         key = (autocast, weights, *((None if t is None else (t.shape, t.dtype, t.device)) for t in given))
         if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return self.model.vision_activations(pixel_values), self.model.text_embeddings(*given[1:])
             self.graphs[key] = self._capture(given)
         graph, buffers, (activations, text) = self.graphs[key]
         for buffer, tensor in zip(buffers, given):

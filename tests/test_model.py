@@ -529,3 +529,17 @@ def test_graphed_towers_fall_back_to_the_compiled_towers_off_a_gpu(pixels):
     assert all(torch.equal(a, b) for a, b in zip(activations, model.vision_activations(pixels)))
     clone = copy.deepcopy(model)
     assert clone._tower_graph is not model._tower_graph and clone._tower_graph.model is clone
+
+
+def test_tower_graph_past_its_shape_limit_runs_the_towers_without_a_graph(pixels):
+    """Each captured shape keeps its buffers; past `max_graphs` shapes the towers run as compiled, uncaptured
+    (the same results as apart; nothing captured, so this path also runs on a CPU)."""
+    from modeling_clipseg_custom import TowerGraph
+
+    model = ClipSegCustomModel(tiny_config()).eval()
+    ids = token_ids(3)
+    graph = TowerGraph(model, max_graphs=0)
+    activations, embeddings = graph(pixels, ids, None)
+    assert not graph.graphs
+    assert torch.equal(embeddings, model.text_embeddings(ids))
+    assert all(torch.equal(a, b) for a, b in zip(activations, model.vision_activations(pixels)))
