@@ -1,10 +1,14 @@
-"""CPU cost of one training sample, with the training images at full size and stored at the model's size.
+"""CPU cost of the training data, with the training images at full size and stored at the model's size.
 
     python benchmarks/data_samples.py --num_images 400 --samples 300
 
-What one data-loader worker does per sample (`TrainingSamples`, one phrase per image, random square crop):
-read the row, decode the JPEG, rasterise the mask, crop, resize to the model's size. Synthetic PhraseCut-sized
-images (375-500 px). One process; each measurement is taken twice after a few warm-up samples.
+Two figures per storage, each taken twice after a few warm-up samples, in one process:
+- per sample: what `TrainingSamples` does for one item (one phrase per image, random square crop): read the
+  row, decode the JPEG, rasterise the mask, crop, resize to the model's size;
+- per sample in a worker's batch: a data-loader worker's whole job for a batch of --batch_size, divided by
+  the batch: the samples, `collate_training` (stacking, tokenizing) and the hand-over of the batch to the
+  main process (pickled as a worker does, which puts its tensors in shared memory).
+Synthetic PhraseCut-sized images (375-500 px).
 """
 
 from __future__ import annotations
@@ -13,12 +17,23 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+
+import torch.multiprocessing  # noqa: F401  (registers the tensor pickling a data-loader worker uses)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples  # noqa: E402
+from clipseg_tools.batching import (  # noqa: E402
+    PhraseIndex,
+    TrainingOptions,
+    TrainingSamples,
+    collate_training,
+)
 from clipseg_tools.data import load_splits  # noqa: E402
+from clipseg_tools.demo import demo_words  # noqa: E402
+from clipseg_tools.tiny_clip import build_word_tokenizer  # noqa: E402
 from phrasecut_dataset import shrink_images, write_synthetic_phrasecut  # noqa: E402
 
 
@@ -31,10 +46,26 @@ def milliseconds_per_sample(samples: TrainingSamples, count: int) -> float:
     return (time.perf_counter() - start) / count * 1e3
 
 
-def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+def milliseconds_per_batched_sample(samples: TrainingSamples, collate, count: int, batch_size: int) -> float:
+    """A worker's time per sample: make a batch, collate it, pickle it for the main process."""
+    batches = max(1, count // batch_size)
+
+    def one_batch(first: int) -> None:
+        items = [samples[(first + k) % len(samples)] for k in range(batch_size)]
+        ForkingPickler.dumps(collate(items))
+
+    one_batch(0)
+    start = time.perf_counter()
+    for b in range(batches):
+        one_batch(b * batch_size)
+    return (time.perf_counter() - start) / (batches * batch_size) * 1e3
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=400)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=352)
     args = parser.parse_args(argv)
 
@@ -43,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         scratch / "data", {"train": args.num_images}, seed=0, min_size=375, max_size=500, overwrite=True
     )
     split = load_splits(["train"], data_dir=str(data_dir), cache_dir=str(scratch / "cache"))["train"]
+    tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer")
+    collate = partial(collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length)
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
     results = {}
     for name, data in (
@@ -50,9 +83,21 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         ("stored at the model's size", shrink_images(split, args.image_size)),
     ):
         samples = TrainingSamples(data, PhraseIndex.from_dataset(data), options)
-        results[name] = [milliseconds_per_sample(samples, args.samples) for _ in range(2)]
+        results[name] = {
+            "per_sample_ms": [milliseconds_per_sample(samples, args.samples) for _ in range(2)],
+            "per_sample_in_batch_ms": [
+                milliseconds_per_batched_sample(samples, collate, args.samples, args.batch_size)
+                for _ in range(2)
+            ],
+        }
+        figures = results[name]
         print(
-            f"{name:>27}: " + " / ".join(f"{ms:.2f}" for ms in results[name]) + " ms per sample", flush=True
+            f"{name:>27}: "
+            + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_ms"])
+            + " ms per sample; in a worker's batch of "
+            + f"{args.batch_size} (collate, hand-over): "
+            + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_in_batch_ms"]),
+            flush=True,
         )
     return results
 

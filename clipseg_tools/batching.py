@@ -10,7 +10,7 @@ the same whichever worker makes it, and a resumed run sees exactly the samples i
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +25,10 @@ from phrasecut_dataset.masks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     decode_image,
+    decode_pixels,
     polygons_to_mask,
-    resize_image,
     resize_mask,
+    resize_pixels,
 )
 from phrasecut_dataset.validate import PhraseCutFormatError
 
@@ -37,18 +38,26 @@ IMAGE_COLUMN = "image"
 PIXEL_KEYS = ("pixel_values", "visual_pixel_values")
 
 
-def image_to_uint8(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image -> uint8 tensor [3, H, W]. Batches travel as uint8 (a quarter of float32's bytes
-    through worker queues and host-to-device copies) and are normalised on the device by `model_inputs`."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
+def image_to_uint8(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """An RGB PIL image or uint8 array [H, W, 3] -> uint8 tensor [3, H, W], a view of the pixels as they lie
+    (channels last): the CPU never transposes them, `normalize_pixels` does on the device. Batches travel as
+    uint8 (a quarter of float32's bytes through worker queues and host-to-device copies)."""
+    pixels = image if isinstance(image, np.ndarray) else np.array(image, dtype=np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[3, S, S] uint8 images -> a batch [N, 3, S, S] stored channels last: each image's rows are copied as
+    they lie (a transposing copy costs the worker several times more)."""
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
 
 
 def normalize_pixels(
     pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float32 divided by 255, minus mean, over std (the processor's arithmetic, in the
-    same order, so the values equal `image_to_tensor`'s bit for bit)."""
-    pixels = pixels.float() / 255.0
+    """uint8 [N, 3, H, W] in any memory layout -> contiguous float32 divided by 255, minus mean, over std (the
+    processor's arithmetic, in the same order, so the values equal `image_to_tensor`'s bit for bit)."""
+    pixels = pixels.contiguous().float() / 255.0
     mean, std = _channel_constants(tuple(mean), tuple(std), pixels.device)
     return (pixels - mean) / std
 
@@ -142,7 +151,7 @@ def random_square_crop(
     side = min(height, width)
     vertical = height > width
     # The crop slides along one axis only: mask pixels per line, summed, give each crop's count in O(1).
-    per_line = anchor_mask.sum(axis=1 if vertical else 0)
+    per_line = anchor_mask.view(np.uint8).sum(axis=1 if vertical else 0, dtype=np.int32)  # 2x bool's sum
     cumulative = np.concatenate([[0], np.cumsum(per_line)])
     positions = (height if vertical else width) - side + 1
     needed = min_fraction * height * width
@@ -184,10 +193,11 @@ def visual_prompt(
     return Image.fromarray(square.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
 
 
-def read_image(row: dict) -> Image.Image:
-    """A row's image, decoded; a broken one is named (the data should have been validated when prepared)."""
+def read_image(row: dict, decode: Callable[[Any], Any] = decode_image) -> Any:
+    """A row's image, decoded (a PIL image, or an RGB array [H, W, 3] with `decode_pixels`); a broken one is
+    named (the data should have been validated when prepared)."""
     try:
-        return decode_image(row[IMAGE_COLUMN])
+        return decode(row[IMAGE_COLUMN])
     except (OSError, ValueError, SyntaxError) as error:
         raise PhraseCutFormatError(
             f"image {row.get('image_id')} cannot be decoded ({error}); re-prepare the data from the raw folder "
@@ -195,10 +205,10 @@ def read_image(row: dict) -> Image.Image:
         ) from error
 
 
-def task_mask(task: dict, row: dict, image: Image.Image) -> np.ndarray:
+def task_mask(task: dict, row: dict, height: int, width: int) -> np.ndarray:
     """The task's mask at the image's native size (the official rasterisation)."""
     try:
-        return polygons_to_mask(task["polygons"], image.height, image.width)
+        return polygons_to_mask(task["polygons"], height, width)
     except (TypeError, ValueError, KeyError) as error:
         raise PhraseCutFormatError(
             f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error})"
@@ -243,20 +253,20 @@ class TrainingSamples(Dataset):
         rng = np.random.default_rng([self.options.seed, epoch, anchor])
         row_id = int(self.index.row_of_task[anchor])
         row = self.dataset[row_id]
-        image = read_image(row)
+        pixels = read_image(row, decode_pixels)
         chosen = self._choose_tasks(row_id, anchor, rng)
         tasks = [row["tasks"][int(self.index.task_in_row[t])] for t in chosen]
-        masks = np.stack([task_mask(task, row, image) for task in tasks])
+        masks = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in tasks])
 
         if self.options.random_crop:
             top, left, side = random_square_crop(
                 masks[0], rng, self.options.crop_tries, self.options.crop_min_fraction
             )
-            image = image.crop((left, top, left + side, top + side))
+            pixels = pixels[top : top + side, left : left + side]  # a view: copied once, by the collate
             masks = masks[:, top : top + side, left : left + side]
         size = self.options.image_size
         sample = {
-            "pixel_values": image_to_uint8(resize_image(image, size)),
+            "pixel_values": image_to_uint8(resize_pixels(pixels, size)),
             "masks": torch.from_numpy(resize_mask(masks, size)),
             "phrases": [task["phrase"] for task in tasks],
         }
@@ -306,7 +316,8 @@ class TrainingSamples(Dataset):
             support = int(candidates[rng.integers(len(candidates))])
             row = self.dataset[int(self.index.row_of_task[support])]
             support_image = read_image(row)
-            mask = task_mask(row["tasks"][int(self.index.task_in_row[support])], row, support_image)
+            support_task = row["tasks"][int(self.index.task_in_row[support])]
+            mask = task_mask(support_task, row, support_image.height, support_image.width)
             visuals.append(image_to_uint8(visual_prompt(support_image, mask, size)))
             weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
         sample["visual_pixel_values"] = torch.stack(visuals)
@@ -337,7 +348,7 @@ def collate_training(
     `model_inputs` turns it into the model's inputs on the device."""
     phrases = [phrase for item in items for phrase in item["phrases"]]
     batch = {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        "pixel_values": stack_images([item["pixel_values"] for item in items]),
         "image_index": torch.tensor([i for i, item in enumerate(items) for _ in item["phrases"]]),
         "labels": torch.cat([item["masks"] for item in items]),
         **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
@@ -365,10 +376,10 @@ class EvaluationImages(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         row = self.dataset[self.rows[item]]
-        image = read_image(row)
-        native = np.stack([task_mask(task, row, image) for task in row["tasks"]])
+        pixels = read_image(row, decode_pixels)
+        native = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in row["tasks"]])
         sample = {
-            "pixel_values": image_to_uint8(resize_image(image, self.image_size)),
+            "pixel_values": image_to_uint8(resize_pixels(pixels, self.image_size)),
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),
             "phrases": [t["phrase"] for t in row["tasks"]],
             "task_ids": [t["task_id"] for t in row["tasks"]],

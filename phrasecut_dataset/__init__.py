@@ -15,10 +15,12 @@ from .masks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     decode_image,
+    decode_pixels,
     image_to_tensor,
     polygons_to_mask,
     resize_image,
     resize_mask,
+    resize_pixels,
     row_masks,
 )
 from .shrink import shrink_images
@@ -59,6 +61,7 @@ __all__ = [
     "construct_phrase",
     "dataset_card",
     "decode_image",
+    "decode_pixels",
     "export_dataset",
     "image_to_tensor",
     "load_phrasecut",
@@ -68,6 +71,7 @@ __all__ = [
     "read_frequency_ranks",
     "resize_image",
     "resize_mask",
+    "resize_pixels",
     "row_masks",
     "shrink_images",
     "synthetic_vocabulary",

@@ -16,12 +16,14 @@ from clipseg_tools.batching import (
     model_inputs,
     normalize_pixels,
     random_square_crop,
+    stack_images,
+    task_mask,
     tokenize,
     visual_prompt,
 )
 from clipseg_tools.prompts import TEMPLATES, apply_template
 from clipseg_tools.tiny_clip import build_word_tokenizer
-from phrasecut_dataset import image_to_tensor, load_phrasecut
+from phrasecut_dataset import decode_image, image_to_tensor, load_phrasecut, resize_image, shrink_images
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,35 @@ def test_collate_flattens_phrases_with_their_image_index(train_split, tmp_path):
     assert torch.equal(inputs["labels"], batch["labels"].float())
     assert torch.equal(inputs["pixel_values"], normalize_pixels(batch["pixel_values"]))
     assert batch["input_ids"].shape[0] == 6 and batch["input_ids"].shape[1] <= 8
+
+
+@pytest.mark.parametrize("stored_at_model_size", [False, True])
+def test_training_pixels_are_the_cropped_and_resized_image(train_split, stored_at_model_size):
+    """The samples crop and resize arrays (views, no transposing copy): the pixels that PIL's crop and resize
+    of the decoded image give, at the crop the sample's own generator draws first."""
+    split = shrink_images(train_split, 64) if stored_at_model_size else train_split
+    data = samples(split, seed=2)
+    for item in range(4):
+        row = split[int(data.index.row_of_task[item])]
+        task = row["tasks"][int(data.index.task_in_row[item])]
+        image = decode_image(row["image"])
+        anchor_mask = task_mask(task, row, image.height, image.width)
+        top, left, side = random_square_crop(anchor_mask, np.random.default_rng([2, 0, item]))
+        expected = np.array(resize_image(image.crop((left, top, left + side, top + side)), 64))
+        sample = data[item]
+        assert torch.equal(sample["pixel_values"], torch.from_numpy(expected).permute(2, 0, 1))
+        assert sample["masks"].shape == (1, 64, 64)
+
+
+def test_batches_store_images_channels_last_and_the_device_gets_them_contiguous():
+    rng = np.random.default_rng(6)
+    arrays = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(3)]
+    images = [image_to_uint8(a) for a in arrays]
+    batch = stack_images(images)
+    assert batch.shape == (3, 3, 20, 20) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([torch.from_numpy(a.transpose(2, 0, 1).copy()) for a in arrays]))
+    normalized = normalize_pixels(batch)
+    assert normalized.is_contiguous() and torch.equal(normalized, normalize_pixels(batch.contiguous()))
 
 
 def test_epoch_sampler_permutes_each_epoch_and_encodes_it():

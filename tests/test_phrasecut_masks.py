@@ -11,10 +11,12 @@ from phrasecut_dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     decode_image,
+    decode_pixels,
     image_to_tensor,
     polygons_to_mask,
     resize_image,
     resize_mask,
+    resize_pixels,
     row_masks,
 )
 
@@ -139,6 +141,43 @@ def test_decode_image_accepts_every_cell_form(tmp_path):
     ]:
         decoded = decode_image(cell)
         assert decoded.mode == "RGB" and decoded.size == (7, 5)
+
+
+def encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def test_decode_pixels_gives_pillows_pixels_for_every_kind_of_image(tmp_path):
+    """JPEGs in YCbCr (every chroma subsampling, progressive) and grey go through simplejpeg; CMYK, PNG, a
+    path and a PIL image through Pillow. Every one: the pixels of `decode_image`, as a writable array."""
+    rng = np.random.default_rng(3)
+    colour = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    cells = [encoded(colour, quality=q, subsampling=s) for q, s in ((95, 2), (90, 1), (75, 0))]
+    cells += [
+        encoded(colour, quality=90, progressive=True),
+        encoded(colour.convert("L"), quality=90),
+        encoded(colour.convert("CMYK"), quality=90),
+        encoded(colour, "PNG"),
+        colour,
+    ]
+    path = tmp_path / "x.jpg"
+    path.write_bytes(cells[0])
+    cells += [{"bytes": cells[0], "path": None}, {"bytes": None, "path": str(path)}, str(path)]
+    for cell in cells:
+        pixels = decode_pixels(cell)
+        assert pixels.dtype == np.uint8 and pixels.shape == (37, 53, 3) and pixels.flags.writeable
+        np.testing.assert_array_equal(pixels, np.asarray(decode_image(cell)))
+    with pytest.raises(OSError):  # a truncated JPEG: Pillow gets it and names the problem
+        decode_pixels(cells[0][:200])
+
+
+def test_resize_pixels_is_resize_image_on_arrays():
+    pixels = np.random.default_rng(4).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    expected = np.asarray(resize_image(Image.fromarray(pixels), 16))
+    np.testing.assert_array_equal(resize_pixels(pixels, 16), expected)
+    assert resize_pixels(pixels[:16, :16], 16).base is pixels  # already the size: the same view
 
 
 def test_row_masks_rasterises_every_task_at_native_size_then_resizes():
