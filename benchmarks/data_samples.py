@@ -2,12 +2,13 @@
 
     python benchmarks/data_samples.py --num_images 400 --samples 300
 
-Two figures per storage, each taken twice after a few warm-up samples, in one process:
+Two figures per storage, each taken --repeats times after a few warm-up samples, in one process (the
+best is the one to compare: the others add what else the machine was doing):
 - per sample: what `TrainingSamples` does for one item (one phrase per image, random square crop): read the
   row, decode the JPEG, rasterise the mask, crop, resize to the model's size;
 - per sample in a worker's batch: a data-loader worker's whole job for a batch of --batch_size, divided by
   the batch: the samples, `collate_training` (stacking, tokenizing) and the hand-over of the batch to the
-  main process (pickled as a worker does, which puts its tensors in shared memory).
+  main process (its tensors moved to shared memory, as a worker's queue does when it pickles them).
 Synthetic PhraseCut-sized images (375-500 px).
 """
 
@@ -18,10 +19,9 @@ import sys
 import tempfile
 import time
 from functools import partial
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
-import torch.multiprocessing  # noqa: F401  (registers the tensor pickling a data-loader worker uses)
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,12 +47,14 @@ def milliseconds_per_sample(samples: TrainingSamples, count: int) -> float:
 
 
 def milliseconds_per_batched_sample(samples: TrainingSamples, collate, count: int, batch_size: int) -> float:
-    """A worker's time per sample: make a batch, collate it, pickle it for the main process."""
+    """A worker's time per sample: make a batch, collate it, move its tensors to shared memory."""
     batches = max(1, count // batch_size)
 
     def one_batch(first: int) -> None:
         items = [samples[(first + k) % len(samples)] for k in range(batch_size)]
-        ForkingPickler.dumps(collate(items))
+        for value in collate(items).values():
+            if isinstance(value, torch.Tensor):
+                value.share_memory_()
 
     one_batch(0)
     start = time.perf_counter()
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=352)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="clipseg_data_samples_"))
@@ -84,10 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     ):
         samples = TrainingSamples(data, PhraseIndex.from_dataset(data), options)
         results[name] = {
-            "per_sample_ms": [milliseconds_per_sample(samples, args.samples) for _ in range(2)],
+            "per_sample_ms": [milliseconds_per_sample(samples, args.samples) for _ in range(args.repeats)],
             "per_sample_in_batch_ms": [
                 milliseconds_per_batched_sample(samples, collate, args.samples, args.batch_size)
-                for _ in range(2)
+                for _ in range(args.repeats)
             ],
         }
         figures = results[name]
