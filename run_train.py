@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--mix_text_min", type=float, default=0.0)
     recipe.add_argument("--mix_text_max", type=float, default=0.5)
     recipe.add_argument(
-        "--max_nonfinite_losses", type=int, default=10, help="stop after this many NaN/inf losses"
+        "--max_nonfinite_losses",
+        type=int,
+        default=10,
+        help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log)",
     )
     recipe.add_argument("--seed", type=int, default=42)
 
@@ -349,6 +352,19 @@ def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any
     return fresh.to(accelerator.device).eval()
 
 
+def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW, fused: one kernel for all the decoder's parameters, and it can skip a step on the device's
+    word (`found_inf`), which lets `train_batch` drop a non-finite step without waiting for the device."""
+    return torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        fused=True,
+    )
+
+
 def lr_lambda(step: int, args: argparse.Namespace) -> float:
     """Multiplier of the learning rate: optional linear warm-up, then cosine (or linear) down to the floor."""
     if step < args.num_warmup_steps:
@@ -464,9 +480,13 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[
 def prompt_inputs(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The prompts as the model takes them: phrases alone go in as tokens (the model then runs both towers
     together, in one CUDA graph with --compile_mode reduce-overhead); with example images (PC+), mixed
-    embeddings."""
+    embeddings.
+
+    The tokens go without their attention mask: CLIP's text tower is causal and pools at the end token, so
+    the padding after it (`tokenize` pads on the right) changes nothing, while a mask costs a wait for the
+    device every step (transformers reads it to choose its attention path)."""
     if "visual_pixel_values" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"]}
     return {"conditional_embeddings": conditional_embeddings(model, batch)}
 
 
@@ -599,13 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
         model.compile_backbone(**mode).compile_decoder(**mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-    )
+    optimizer = make_optimizer(args, trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, args=args))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # Stepped once per optimizer step by us (Accelerate would step a prepared one once per process).
@@ -674,7 +688,7 @@ def train_loop(
         disable=not accelerator.is_local_main_process,
         desc="training",
     )
-    window = {"loss": 0.0, "batches": 0, "phrases": 0, "start": time.perf_counter()}
+    window = new_window(accelerator.device, state["step"])
     model.train()
     while state["step"] < args.max_train_steps:
         epoch, skip = divmod(state["consumed_batches"], batches_per_epoch)
@@ -682,20 +696,21 @@ def train_loop(
         loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
         for batch in loader:
             state["consumed_batches"] += 1
-            loss = train_batch(args, accelerator, model, optimizer, trainable, batch, state)
-            if loss is not None:
-                window["loss"] += loss
-                window["batches"] += 1
-                window["phrases"] += batch["labels"].shape[0] * accelerator.num_processes
+            train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+            window["phrases"] += batch["labels"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
             scheduler.step()
             progress.update(1)
             step = state["step"]
-            if step % args.logging_steps == 0 or step == args.max_train_steps:
+            log_due = step % args.logging_steps == 0 or step == args.max_train_steps
+            checkpoint_due = step % args.checkpointing_steps == 0 or step == args.max_train_steps
+            if log_due or checkpoint_due:
+                count_skipped_steps(args, accelerator, window, state)
+            if log_due:
                 log_window(args, accelerator, scheduler, progress, window, state)
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            if checkpoint_due:
                 save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
             if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
                 metrics = run_evaluation(
@@ -713,10 +728,29 @@ def train_loop(
     progress.close()
 
 
-def train_batch(args, accelerator, model, optimizer, trainable, batch, state) -> float | None:
-    """Forward, backward and (at the end of an accumulation) the optimizer step; the batch's loss, or None
-    when some process got a non-finite loss: then every process skips the optimizer step it belongs to, and
-    the run stops after --max_nonfinite_losses such batches."""
+def new_window(device: torch.device, step: int) -> dict[str, Any]:
+    """What the next log reports, summed on the device between logs (reading it waits for the device):
+    the finite losses and their batches, the optimizer steps skipped for a non-finite loss, and whether
+    the optimizer step in progress has one."""
+    zero = partial(torch.zeros, (), device=device)
+    return {
+        "loss": zero(dtype=torch.float32),
+        "batches": zero(dtype=torch.float32),
+        "skipped": zero(dtype=torch.float32),
+        "step_nonfinite": zero(dtype=torch.bool),
+        "phrases": 0,
+        "start": time.perf_counter(),
+        "counted_to_step": step,
+    }
+
+
+def train_batch(args, accelerator, model, optimizer, trainable, batch, window) -> None:
+    """Forward, backward and (at the end of an accumulation) the optimizer step, issued without waiting for
+    the device: the host queues the next batch's work while the device runs this one.
+
+    A non-finite loss is caught on the device: every process's fused optimizer skips the optimizer step it
+    belongs to (with accumulation, that step's other batches too), and `window` counts it;
+    `count_skipped_steps` reads the count at the next log or checkpoint."""
     batch = model_inputs(batch, accelerator.device)
     if accelerator.unwrap_model(model).cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
@@ -728,44 +762,52 @@ def train_batch(args, accelerator, model, optimizer, trainable, batch, state) ->
                 image_index=batch["image_index"],
                 labels=batch["labels"],
             ).loss
-        # The backward is issued before the finiteness check waits for the device: the host does not idle
-        # the GPU between forward and backward. A non-finite loss leaves non-finite gradients: the whole
-        # optimizer step they belong to is dropped (with accumulation, its other batches too).
         accelerator.backward(loss)
-        finite = bool(accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all())
-        dropping = not finite or state.pop("dropping_step", False)
-        if not dropping:
-            if accelerator.sync_gradients and args.max_grad_norm:
+        finite = torch.isfinite(loss.detach())
+        window["loss"] += torch.where(finite, loss.detach().float(), 0.0)
+        window["batches"] += finite
+        window["step_nonfinite"] |= ~finite
+        if accelerator.sync_gradients:
+            # One process's non-finite loss skips the step on all of them: they keep the same weights.
+            skip = accelerator.reduce(window["step_nonfinite"].float().reshape(1), "sum").clamp(max=1)[0]
+            window["skipped"] += skip
+            window["step_nonfinite"].zero_()
+            if args.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-        else:
-            for param in trainable:
-                param.grad = None
-            if not accelerator.sync_gradients:
-                state["dropping_step"] = True  # the rest of this optimizer step's batches
-        if not finite:
-            state["nonfinite_losses"] += 1
-            accelerator.print(
-                f"step {state['step'] + 1}: non-finite loss ({loss.item()}) on some process; step skipped "
-                f"({state['nonfinite_losses']} so far)"
-            )
-            if state["nonfinite_losses"] > args.max_nonfinite_losses:
-                raise ValueError(
-                    f"{state['nonfinite_losses']} non-finite losses (limit --max_nonfinite_losses "
-                    f"{args.max_nonfinite_losses}); lower --learning_rate or check the data"
-                )
+            # The fused AdamW kernel leaves parameters, moments and step count as they are when this is 1
+            # (the way GradScaler skips steps; with fp16 mixed precision, GradScaler sets it itself from
+            # the gradients, which a non-finite loss makes non-finite too).
+            getattr(optimizer, "optimizer", optimizer).found_inf = skip
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.item() if finite else None
+
+
+def count_skipped_steps(args, accelerator, window, state) -> None:
+    """Read back how many optimizer steps were skipped for a non-finite loss since the last count (this
+    waits for the device); report them, and stop the run past --max_nonfinite_losses."""
+    skipped = int(window["skipped"].item())
+    first_step, window["counted_to_step"] = window["counted_to_step"] + 1, state["step"]
+    if not skipped:
+        return
+    window["skipped"].zero_()
+    state["nonfinite_losses"] += skipped
+    accelerator.print(
+        f"steps {first_step}-{state['step']}: {skipped} optimizer step(s) skipped for a non-finite loss on "
+        f"some process ({state['nonfinite_losses']} so far)"
+    )
+    if state["nonfinite_losses"] > args.max_nonfinite_losses:
+        raise ValueError(
+            f"{state['nonfinite_losses']} non-finite losses (limit --max_nonfinite_losses "
+            f"{args.max_nonfinite_losses}); lower --learning_rate or check the data"
+        )
 
 
 def log_window(args, accelerator, scheduler, progress, window, state) -> None:
-    """Mean loss over all processes' batches since the last log, learning rate, phrases per second."""
-    totals = accelerator.reduce(
-        torch.tensor([window["loss"], window["batches"]], device=accelerator.device), "sum"
-    )
+    """Mean loss over all processes' finite batches since the last log, learning rate, phrases per second."""
+    totals = accelerator.reduce(torch.stack([window["loss"], window["batches"]]), "sum").tolist()
     elapsed = time.perf_counter() - window["start"]
     logs = {
-        "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
+        "train_loss": totals[0] / max(1.0, totals[1]),
         "learning_rate": scheduler.get_last_lr()[0],
         "samples_per_second": window["phrases"] / max(elapsed, 1e-9),
         "nonfinite_losses": state["nonfinite_losses"],
@@ -778,7 +820,9 @@ def log_window(args, accelerator, scheduler, progress, window, state) -> None:
     state["log_history"].append({"step": state["step"], **logs})
     if args.with_tracking:
         accelerator.log(logs, step=state["step"])
-    window.update(loss=0.0, batches=0, phrases=0, start=time.perf_counter())
+    window["loss"].zero_()
+    window["batches"].zero_()
+    window.update(phrases=0, start=time.perf_counter())
 
 
 def decoder_checksums(accelerator: Accelerator, model: Any) -> list[float]:

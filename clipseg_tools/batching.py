@@ -327,11 +327,17 @@ class TrainingSamples(Dataset):
 def tokenize(
     tokenizer: Any, phrases: Sequence[str], max_length: int, pad_to_multiple_of: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Pad to the longest phrase, rounded up to a multiple of `pad_to_multiple_of` (at most `max_length`: fewer
-    distinct shapes for a compiled model and its CUDA graphs; padding after the end token changes no
-    embedding); cut phrases longer than the text tower (the end token is kept)."""
+    """Pad on the right to the longest phrase, rounded up to a multiple of `pad_to_multiple_of` (at most
+    `max_length`: fewer distinct shapes for a compiled model and its CUDA graphs; padding after the end token
+    changes no embedding, which is why the training step can leave the attention mask out); cut phrases
+    longer than the text tower (the end token is kept)."""
     tokens = tokenizer(
-        list(phrases), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        list(phrases),
+        padding=True,
+        padding_side="right",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     length = tokens["input_ids"].shape[1]
     if pad_to_multiple_of and length % pad_to_multiple_of:

@@ -214,3 +214,8 @@ def test_padding_rounded_up_changes_no_text_embedding(tiny_clip_dir):
         for tokens in (rounded, capped):
             got = model.text_embeddings(tokens["input_ids"], tokens["attention_mask"])
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            # The training step leaves the mask out (the tokens are padded on the right): the same embeddings.
+            unmasked = model.text_embeddings(tokens["input_ids"])
+            torch.testing.assert_close(unmasked, expected, rtol=1e-5, atol=1e-6)
+    tokenizer.padding_side = "left"  # a tokenizer set to pad on the left is overruled
+    assert torch.equal(tokenize(tokenizer, phrases, max_length=16)["input_ids"], longest["input_ids"])

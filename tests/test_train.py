@@ -249,10 +249,10 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     assert "--data_dir" in result.stderr and "nowhere" in result.stderr
 
 
-def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_clip_dir):
+def tiny_training(tiny_clip_dir, **accelerator_options):
+    """A tiny model, its fused optimizer and a fresh log window, prepared by Accelerate on the CPU."""
     import argparse
 
-    import torch
     from accelerate import Accelerator
 
     import run_train
@@ -261,44 +261,125 @@ def test_non_finite_losses_are_skipped_counted_and_stop_the_run(tmp_path, tiny_c
     model = ClipSegCustomModel.from_clip(
         str(tiny_clip_dir), image_size=32, reduce_dim=16, extract_layers=[0, 1]
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    accelerator = Accelerator(cpu=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batch = {
-        "pixel_values": torch.randn(2, 3, 32, 32),
+    args = argparse.Namespace(
+        max_grad_norm=1.0,
+        max_nonfinite_losses=1,
+        learning_rate=1e-2,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.01,
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    accelerator = Accelerator(cpu=True, **accelerator_options)
+    model, optimizer = accelerator.prepare(model, run_train.make_optimizer(args, trainable))
+    return args, accelerator, model, optimizer, trainable, run_train.new_window(accelerator.device, 0)
+
+
+def tiny_batch(labels):
+    import torch
+
+    return {
+        "pixel_values": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8),
         "input_ids": torch.tensor([[0, 5, 6, 1], [0, 7, 1, 1]]),
         "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
         "image_index": torch.tensor([0, 1]),
-        "labels": torch.full((2, 32, 32), float("nan")),  # a broken target: the loss is NaN
+        "labels": labels,
     }
-    args = argparse.Namespace(
-        max_grad_norm=None, max_nonfinite_losses=1, compile=False, compile_mode="default"
-    )
-    state = {"step": 4, "nonfinite_losses": 0}
-    before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state) is None
-    assert state["nonfinite_losses"] == 1
-    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())  # not trained on
-    assert all(p.grad is None for p in trainable)  # its non-finite gradients are dropped
-    with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state)
 
-    # With accumulation, a non-finite batch drops its whole optimizer step: the finite batch after it too.
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
-    model, optimizer = accelerator.prepare(model, optimizer)
+
+def test_non_finite_losses_skip_their_steps_on_the_device_are_counted_and_stop_the_run(tiny_clip_dir, capsys):
+    import torch
+
+    import run_train
+
+    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    broken = tiny_batch(torch.full((2, 32, 32), float("nan")))  # a broken target: the loss is NaN
+    finite = tiny_batch(torch.rand(2, 32, 32) > 0.5)
+    weights = lambda: [p.detach().clone() for p in trainable]  # noqa: E731
+    before = weights()
     state = {"step": 0, "nonfinite_losses": 0}
-    args.max_nonfinite_losses = 5
-    finite_batch = {**batch, "labels": torch.rand(2, 32, 32)}
-    assert run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, state) is None
-    assert (
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite_batch, state) is not None
+
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))  # not trained on
+    assert all(p.grad is None for p in trainable)  # its non-finite gradients are dropped
+    assert all(optimizer.state[p]["step"] == 0 for p in trainable)  # nor counted as an Adam step
+    assert window["skipped"] == 1 and window["batches"] == 0 and window["loss"] == 0
+    state["step"] = 1
+    run_train.count_skipped_steps(args, accelerator, window, state)
+    assert state["nonfinite_losses"] == 1 and window["skipped"] == 0
+    assert "steps 1-1: 1 optimizer step(s) skipped for a non-finite loss" in capsys.readouterr().out
+
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, finite, window)
+    assert not any(torch.equal(a, b) for a, b in zip(before, weights()))  # the next step trains
+    assert all(optimizer.state[p]["step"] == 1 for p in trainable)
+    assert window["batches"] == 1 and 0 < window["loss"] < 10
+    state["step"] = 2
+    run_train.count_skipped_steps(args, accelerator, window, state)
+    assert state["nonfinite_losses"] == 1 and capsys.readouterr().out == ""
+
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
+    state["step"] = 3
+    with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
+        run_train.count_skipped_steps(args, accelerator, window, state)
+
+
+def test_with_accumulation_a_non_finite_batch_skips_its_whole_optimizer_step(tiny_clip_dir):
+    import torch
+
+    import run_train
+
+    args, accelerator, model, optimizer, trainable, window = tiny_training(
+        tiny_clip_dir, gradient_accumulation_steps=2
     )
-    assert all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())
-    assert "dropping_step" not in state  # the next optimizer step trains again
-    for _ in range(2):
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite_batch, state)
-    assert not all(torch.equal(v, model.decoder.state_dict()[k]) for k, v in before.items())
+    broken = tiny_batch(torch.full((2, 32, 32), float("nan")))
+    finite = tiny_batch(torch.rand(2, 32, 32) > 0.5)
+    before = [p.detach().clone() for p in trainable]
+    for batch in (broken, finite):  # the finite batch after it belongs to the same optimizer step
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainable))
+    assert window["skipped"] == 1 and window["batches"] == 1 and not window["step_nonfinite"]
+    for _ in range(2):  # the next optimizer step trains again
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite, window)
+    assert not all(torch.equal(a, p) for a, p in zip(before, trainable))
+    assert window["skipped"] == 1 and window["batches"] == 3
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monkeypatch):
+    """On a GPU every read of a tensor's value by the host waits for the device; a training step makes none
+    (logs and checkpoints read the window's sums, once per log)."""
+    import traceback
+
+    import torch
+
+    import run_train
+
+    args, accelerator, model, optimizer, trainable, window = tiny_training(
+        tiny_clip_dir, gradient_accumulation_steps=2
+    )
+    batch = tiny_batch(torch.rand(2, 32, 32) > 0.5)
+    run_train.train_batch(
+        args, accelerator, model, optimizer, trainable, batch, window
+    )  # optimizer state made
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+
+    def guarded(name):
+        original = getattr(torch.Tensor, name)
+
+        def read_back(tensor, *args, **kwargs):
+            # The model checks image_index's values only when it is on the CPU (on a GPU: not read back).
+            if traceback.extract_stack(limit=2)[0].name != "_check_image_index":
+                raise AssertionError(f"the host read a tensor's value ({name})")
+            return original(tensor, *args, **kwargs)
+
+        return read_back
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
+    for _ in range(2):  # a batch inside an accumulation, then one with the optimizer step
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+    monkeypatch.undo()
+    assert window["batches"] == 4
 
 
 def test_low_precision_backbone_trains_and_the_saved_model_keeps_the_float32_clip(
