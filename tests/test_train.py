@@ -345,6 +345,19 @@ def test_with_accumulation_a_non_finite_batch_skips_its_whole_optimizer_step(tin
     assert window["skipped"] == 1 and window["batches"] == 3
 
 
+def test_the_training_loader_leaves_its_batches_on_the_host(tiny_clip_dir):
+    """`model_inputs` moves them without blocking; Accelerate's placement would wait for the device."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    import run_train
+
+    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    loader = DataLoader([torch.zeros(2)] * 4, batch_size=2)
+    *_, prepared = run_train.prepare_for_training(accelerator, model, optimizer, loader)
+    assert prepared.device is None and len(list(prepared)) == 2
+
+
 def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monkeypatch):
     """On a GPU every read of a tensor's value by the host waits for the device; a training step makes none
     (logs and checkpoints read the window's sums, once per log)."""
