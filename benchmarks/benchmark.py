@@ -288,9 +288,10 @@ def peak_memory_gb(device: torch.device, fn) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
-def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
+def loop_rate(args, step, device) -> dict[str, float]:
     """Pairs per second of training steps fed by the project's data pipeline (uint8 batches from worker
-    processes, normalised on the device), and of the pipeline alone."""
+    processes, pinned on a GPU, copied without blocking and normalised on the device), and of the pipeline
+    alone. `step(batch)` takes a host batch as the loader gives it."""
     from torch.utils.data import DataLoader
 
     from clipseg_tools.batching import (
@@ -318,20 +319,20 @@ def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
         drop_last=True,
         collate_fn=partial(collate_training, tokenizer=tokenizer, max_length=args.text_length),
     )
-    optimizer = make_optimizer(model)
-    model.train()
 
     def run(steps: int, train: bool) -> float:
         batches = iter(loader)
         pairs, start = 0, None
-        for step in range(warmup + steps):
-            if step == warmup:
+        for index in range(warmup + steps):
+            if index == warmup:
                 synchronize(device)
                 start = time.perf_counter()
-            batch = model_inputs(next(batches), device)
+            batch = next(batches)
             if train:
-                training_step(model, call, batch, autocast, optimizer)
-            pairs += batch["labels"].shape[0] if step >= warmup else 0
+                step(batch)
+            else:
+                model_inputs(batch, device)
+            pairs += batch["labels"].shape[0] if index >= warmup else 0
         synchronize(device)
         return pairs / (time.perf_counter() - start)
 
@@ -339,6 +340,31 @@ def loop_rate(args, model, call, device, autocast) -> dict[str, float]:
         "pairs_per_second": run(args.loop_steps, True),
         "data_only_pairs_per_second": run(args.loop_steps, False),
     }
+
+
+def run_train_step(model, device, dtype):
+    """run_train.py's own training step (`train_batch`: no read-back, non-finite steps skipped on the device,
+    its fused AdamW with the script's defaults), under an Accelerator with the benchmark's precision."""
+    from accelerate import Accelerator
+
+    import run_train
+
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if dtype else "no")
+    defaults = run_train.build_parser().parse_args(["--output_dir", "unused"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = run_train.make_optimizer(defaults, trainable)
+    window = run_train.new_window(device, 0)
+    model.train()
+    return partial(run_train.train_batch, defaults, accelerator, model, optimizer, trainable, window=window)
+
+
+def benchmark_step(model, call, device, autocast):
+    """The benchmark's bare training step (`training_step`) on a host batch."""
+    from clipseg_tools.batching import model_inputs
+
+    optimizer = make_optimizer(model)
+    model.train()
+    return lambda batch: training_step(model, call, model_inputs(batch, device), autocast, optimizer)
 
 
 def loop_data(args):
@@ -664,9 +690,11 @@ def run_case(args, case, make, batch, theirs, variants, device, autocast) -> dic
 
 
 def loop_case(args, model, name, theirs, device, autocast, cases) -> dict:
-    """The data-fed loop of both models; ours also as a fraction of its bare step rate."""
-    ours = loop_rate(args, model, ours_call, device, autocast)
-    transformers = loop_rate(args, theirs, theirs_call, device, autocast)
+    """The data-fed loop of both models: ours with run_train.py's own step, transformers' with the bare step;
+    ours also as a fraction of its bare step rate."""
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    ours = loop_rate(args, run_train_step(model, device, dtype), device)
+    transformers = loop_rate(args, benchmark_step(theirs, theirs_call, device, autocast), device)
     row = {
         "variant": name,
         "phrases_per_image": 1,
