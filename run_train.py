@@ -616,6 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max_length=model.config.text_config.max_position_embeddings,
             # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
             pad_to_multiple_of=16 if args.compile else None,
+            pack_labels=True,
         ),
     )
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
@@ -707,7 +708,7 @@ def train_loop(
         for batch in loader:
             state["consumed_batches"] += 1
             train_batch(args, accelerator, model, optimizer, trainable, batch, window)
-            window["phrases"] += batch["labels"].shape[0] * accelerator.num_processes
+            window["phrases"] += batch["image_index"].shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1

@@ -317,7 +317,9 @@ def loop_rate(args, step, device) -> dict[str, float]:
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        collate_fn=partial(collate_training, tokenizer=tokenizer, max_length=args.text_length),
+        collate_fn=partial(
+            collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True
+        ),
     )
 
     def run(steps: int, train: bool) -> float:
@@ -332,7 +334,7 @@ def loop_rate(args, step, device) -> dict[str, float]:
                 step(batch)
             else:
                 model_inputs(batch, device)
-            pairs += batch["labels"].shape[0] if index >= warmup else 0
+            pairs += batch["image_index"].shape[0] if index >= warmup else 0
         synchronize(device)
         return pairs / (time.perf_counter() - start)
 

@@ -10,6 +10,10 @@ best is the one to compare: the others add what else the machine was doing):
   the batch: the samples, `collate_training` (stacking, tokenizing) and the hand-over of the batch to the
   main process (its tensors moved to shared memory, as a worker's queue does when it pickles them).
 Synthetic PhraseCut-sized images (375-500 px).
+
+And the main process's share, with the masks as bool and packed eight to a byte (`collate_training`'s
+`pack_labels`, what run_train.py uses): taking a batch from a worker process and copying it once, the work of
+the loader's pin-memory thread on a GPU machine (random images and masks of the batch's shapes).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -30,6 +35,7 @@ from clipseg_tools.batching import (  # noqa: E402
     TrainingOptions,
     TrainingSamples,
     collate_training,
+    pack_masks,
 )
 from clipseg_tools.data import load_splits  # noqa: E402
 from clipseg_tools.demo import demo_words  # noqa: E402
@@ -63,6 +69,38 @@ def milliseconds_per_batched_sample(samples: TrainingSamples, collate, count: in
     return (time.perf_counter() - start) / (batches * batch_size) * 1e3
 
 
+class WorkerBatches(Dataset):
+    """Batches of --batch_size random model-size images and masks, made whole by a worker process."""
+
+    def __init__(self, batch_size: int, size: int, packed: bool):
+        self.batch_size, self.size, self.packed = batch_size, size, packed
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        shape = (self.batch_size, self.size, self.size)
+        pixels = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=generator)
+        masks = torch.rand(shape, generator=generator) > 0.5
+        labels = {"packed_labels": pack_masks(masks)} if self.packed else {"labels": masks}
+        return {"pixel_values": pixels.permute(0, 3, 1, 2), **labels}
+
+
+def main_process_ms_per_batch(batch_size: int, size: int, packed: bool, batches: int = 4) -> float:
+    """Take ready batches from a worker's queue and copy each once, as a pin-memory thread does."""
+    loader = DataLoader(
+        WorkerBatches(batch_size, size, packed), batch_size=None, num_workers=1, prefetch_factor=batches
+    )
+    ready = iter(loader)
+    next(ready)
+    time.sleep(3 + batches)  # the worker fills its queue: only the main process's work is timed
+    start = time.perf_counter()
+    for _ in range(batches):
+        [value.clone() for value in next(ready).values()]
+    return (time.perf_counter() - start) / batches * 1e3
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=400)
@@ -78,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     )
     split = load_splits(["train"], data_dir=str(data_dir), cache_dir=str(scratch / "cache"))["train"]
     tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer")
-    collate = partial(collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length)
+    collate = partial(
+        collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length, pack_labels=True
+    )
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
     results = {}
     for name, data in (
@@ -100,6 +140,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
             + " ms per sample; in a worker's batch of "
             + f"{args.batch_size} (collate, hand-over): "
             + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_in_batch_ms"]),
+            flush=True,
+        )
+    for packed in (False, True):
+        name = "main process, masks " + ("packed" if packed else "as bool")
+        results[name] = {
+            "per_batch_ms": [
+                main_process_ms_per_batch(args.batch_size, args.image_size, packed)
+                for _ in range(args.repeats)
+            ]
+        }
+        print(
+            f"{name:>27}: "
+            + " / ".join(f"{ms:.1f}" for ms in results[name]["per_batch_ms"])
+            + f" ms per batch of {args.batch_size} taken from a worker and copied once",
             flush=True,
         )
     return results

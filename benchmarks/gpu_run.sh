@@ -4,13 +4,15 @@
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=480)
 #   run(command="LOOP_ONLY=1 bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=300)  # step + fed loop only
 #
-# 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers);
+# 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers; run_train.py's
+#    training step under PyTorch's sync debug mode, set to errors);
 # 1. run_train.py itself on the GPU: eager and --compile --compile_mode reduce-overhead (CUDA graphs) on one
 #    small job: the same losses (benchmarks/train_check.py); meanwhile the loop's data is written and stored at
 #    the model's size;
 # 2. ours with CUDA graphs (run_train.py --compile --compile_mode reduce-overhead) against transformers'
 #    CLIPSeg on every case, bf16, batch 64, with the stages, an operator profile and the device's idle gaps;
-# 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes).
+# 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes; ours
+#    runs run_train.py's own training step).
 # Each part is its own process with its own time limit. The GPU image has torch, transformers and accelerate
 # but not `datasets`: the wheels of datasets and its missing dependencies go in .whl/ (benchmarks/RESULTS.md
 # has the download line). Results go to $OUT; the summary is printed last. Calls 4 and 5 ran earlier

@@ -71,14 +71,28 @@ def _channel_constants(
     return tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device) for v in (mean, std))
 
 
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """bool [..., H, W] -> uint8 [..., H, ceil(W / 8)], eight pixels per byte (most significant bit first)."""
+    return torch.from_numpy(np.packbits(masks.numpy(), axis=-1))
+
+
+def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """`pack_masks` undone, on the tensor's device: bool [..., H, width]."""
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)  # made there: no copy in
+    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :width].bool()
+
+
 def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """A collated batch on `device` as the model takes it: pixels normalised to float32, labels float32."""
+    """A collated batch on `device` as the model takes it: pixels normalised to float32, labels float32
+    (unpacked there when the collate packed them)."""
     moved = {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
     for key in PIXEL_KEYS:
         if key in moved and moved[key].dtype == torch.uint8:
             moved[key] = normalize_pixels(moved[key])
+    if "packed_labels" in moved:
+        moved["labels"] = unpack_masks(moved.pop("packed_labels"), moved["pixel_values"].shape[-1])
     if "labels" in moved:
         moved["labels"] = moved["labels"].float()
     return moved
@@ -348,15 +362,22 @@ def tokenize(
 
 
 def collate_training(
-    items: list[dict], tokenizer: Any, max_length: int, pad_to_multiple_of: int | None = None
+    items: list[dict],
+    tokenizer: Any,
+    max_length: int,
+    pad_to_multiple_of: int | None = None,
+    pack_labels: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Images uint8 [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S] (bool);
-    `model_inputs` turns it into the model's inputs on the device."""
+    """Images uint8 [I,3,S,S]; phrases flattened to P rows with `image_index` [P] and `labels` [P,S,S] (bool),
+    or, with `pack_labels`, `packed_labels` [P,S,S/8] (`pack_masks`: a worker moves an eighth of the bytes
+    into shared memory, the main process pins and copies an eighth); `model_inputs` turns it into the
+    model's inputs on the device."""
     phrases = [phrase for item in items for phrase in item["phrases"]]
+    labels = torch.cat([item["masks"] for item in items])
     batch = {
         "pixel_values": stack_images([item["pixel_values"] for item in items]),
         "image_index": torch.tensor([i for i, item in enumerate(items) for _ in item["phrases"]]),
-        "labels": torch.cat([item["masks"] for item in items]),
+        **({"packed_labels": pack_masks(labels)} if pack_labels else {"labels": labels}),
         **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
     }
     if "visual_pixel_values" in items[0]:

@@ -15,10 +15,12 @@ from clipseg_tools.batching import (
     image_to_uint8,
     model_inputs,
     normalize_pixels,
+    pack_masks,
     random_square_crop,
     stack_images,
     task_mask,
     tokenize,
+    unpack_masks,
     visual_prompt,
 )
 from clipseg_tools.prompts import TEMPLATES, apply_template
@@ -154,6 +156,22 @@ def test_batches_store_images_channels_last_and_the_device_gets_them_contiguous(
     assert torch.equal(batch, torch.stack([torch.from_numpy(a.transpose(2, 0, 1).copy()) for a in arrays]))
     normalized = normalize_pixels(batch)
     assert normalized.is_contiguous() and torch.equal(normalized, normalize_pixels(batch.contiguous()))
+
+
+def test_packed_labels_reach_the_device_as_the_masks_they_were(train_split, tmp_path):
+    rng = np.random.default_rng(7)
+    for width in (1, 8, 20, 64):
+        masks = torch.from_numpy(rng.random((3, 5, width)) > 0.5)
+        packed = pack_masks(masks)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, 5, (width + 7) // 8)
+        assert torch.equal(unpack_masks(packed, width), masks)
+    tokenizer = build_word_tokenizer(["red", "circle"], tmp_path, max_length=8)
+    items = [samples(train_split, phrases_per_image=2)[i] for i in range(3)]
+    plain = collate_training(items, tokenizer, max_length=8)
+    packed = collate_training(items, tokenizer, max_length=8, pack_labels=True)
+    assert "labels" not in packed and packed["packed_labels"].shape == (6, 64, 8)
+    expected, got = model_inputs(plain, "cpu"), model_inputs(packed, "cpu")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_epoch_sampler_permutes_each_epoch_and_encodes_it():

@@ -1,5 +1,5 @@
-"""What only a CUDA GPU can run: the towers' own CUDA graph (`TowerGraph`, compile mode reduce-overhead).
-Skipped without a GPU; benchmarks/gpu_run.sh runs it on a lent one."""
+"""What only a CUDA GPU can run: the towers' own CUDA graph (`TowerGraph`, compile mode reduce-overhead), and a
+training step that never waits for the device. Skipped without a GPU; benchmarks/gpu_run.sh runs it on a lent one."""
 
 import copy
 
@@ -44,3 +44,45 @@ def test_tower_graph_gives_the_eager_towers_results(bf16_backbone):
     graphed.cast_backbone(torch.float16)
     run(graphed, pixels, ids, autocast=False)
     assert len(graphed._tower_graph.graphs) == 3
+
+
+def test_a_training_step_issues_no_synchronising_call():
+    """run_train.py's step from a pinned host batch: the copy in, forward, backward, the device-side skip of a
+    non-finite step and the fused optimizer, with PyTorch's sync debug mode turned to errors."""
+    import argparse
+
+    from accelerate import Accelerator
+
+    import run_train
+
+    torch.manual_seed(0)
+    model = ClipSegCustomModel(tiny_config()).cuda()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    args = argparse.Namespace(
+        max_grad_norm=1.0,
+        learning_rate=1e-3,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.01,
+    )
+    accelerator = Accelerator(mixed_precision="bf16")
+    model, optimizer = accelerator.prepare(model, run_train.make_optimizer(args, trainable))
+    window = run_train.new_window(accelerator.device, 0)
+    batch = {
+        "pixel_values": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).pin_memory(),
+        "input_ids": token_ids(2, 7, seed=1).pin_memory(),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long).pin_memory(),
+        "image_index": torch.tensor([0, 1]).pin_memory(),
+        "labels": (torch.rand(2, 64, 64) > 0.5).pin_memory(),
+    }
+    before = [p.detach().clone() for p in trainable]
+    for _ in range(2):  # warm-up: optimizer state, cached allocations
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert window["batches"].item() == 3 and window["skipped"].item() == 0
+    assert not any(torch.equal(a, b) for a, b in zip(before, trainable))
