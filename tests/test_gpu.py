@@ -49,7 +49,6 @@ def test_tower_graph_gives_the_eager_towers_results(bf16_backbone):
 def test_a_training_step_issues_no_synchronising_call():
     """run_train.py's step from a pinned host batch: the copy in, forward, backward, the device-side skip of a
     non-finite step and the fused optimizer, with PyTorch's sync debug mode turned to errors."""
-    import argparse
 
     from accelerate import Accelerator
 
@@ -58,14 +57,7 @@ def test_a_training_step_issues_no_synchronising_call():
     torch.manual_seed(0)
     model = ClipSegCustomModel(tiny_config()).cuda()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    args = argparse.Namespace(
-        max_grad_norm=1.0,
-        learning_rate=1e-3,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.01,
-    )
+    args = run_train.build_parser().parse_args(["--output_dir", "unused", "--max_grad_norm", "1"])
     accelerator = Accelerator(mixed_precision="bf16")
     model, optimizer = accelerator.prepare(model, run_train.make_optimizer(args, trainable))
     window = run_train.new_window(accelerator.device, 0)

@@ -251,7 +251,6 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
 
 def tiny_training(tiny_clip_dir, **accelerator_options):
     """A tiny model, its fused optimizer and a fresh log window, prepared by Accelerate on the CPU."""
-    import argparse
 
     from accelerate import Accelerator
 
@@ -261,14 +260,17 @@ def tiny_training(tiny_clip_dir, **accelerator_options):
     model = ClipSegCustomModel.from_clip(
         str(tiny_clip_dir), image_size=32, reduce_dim=16, extract_layers=[0, 1]
     )
-    args = argparse.Namespace(
-        max_grad_norm=1.0,
-        max_nonfinite_losses=1,
-        learning_rate=1e-2,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        weight_decay=0.01,
+    args = run_train.build_parser().parse_args(
+        [
+            "--output_dir",
+            "unused",
+            "--learning_rate",
+            "1e-2",
+            "--max_grad_norm",
+            "1",
+            "--max_nonfinite_losses",
+            "1",
+        ]
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     accelerator = Accelerator(cpu=True, **accelerator_options)
