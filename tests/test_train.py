@@ -347,6 +347,54 @@ def test_with_accumulation_a_non_finite_batch_skips_its_whole_optimizer_step(tin
     assert window["skipped"] == 1 and window["batches"] == 3
 
 
+def skip_together_when_one_process_has_a_nan(tiny_clip_dir):
+    """Run by two processes: process 0's batch has a NaN loss, process 1's a finite one."""
+    import torch
+
+    import run_train
+
+    torch.manual_seed(0)
+    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    assert accelerator.num_processes == 2
+    labels = torch.rand(2, 32, 32) > 0.5
+    broken = tiny_batch(torch.full((2, 32, 32), float("nan")) if accelerator.process_index == 0 else labels)
+    before = [p.detach().clone() for p in trainable]
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainable)), "a process stepped"
+    assert window["skipped"] == 1
+    run_train.train_batch(args, accelerator, model, optimizer, trainable, tiny_batch(labels), window)
+    assert not all(torch.equal(a, p) for a, p in zip(before, trainable))
+    assert window["skipped"] == 1
+    checksums = accelerator.gather(sum(p.detach().double().sum() for p in trainable).reshape(1))
+    assert checksums[0] == checksums[1], "the processes' weights parted"
+
+
+def test_one_process_non_finite_loss_skips_the_step_on_every_process(tiny_clip_dir):
+    # As test_metrics: debug_launcher forks a fresh interpreter's two processes (forking this one can hang).
+    code = (
+        f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
+        "from accelerate import debug_launcher\n"
+        "from test_train import skip_together_when_one_process_has_a_nan\n"
+        f"debug_launcher(skip_together_when_one_process_has_a_nan, args=({str(tiny_clip_dir)!r},), num_processes=2)\n"
+        "print('both processes done')\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = child.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
+        pytest.fail(f"the two processes hung:\n{output[-3000:]}")
+    assert child.returncode == 0 and "both processes done" in output, output[-3000:]
+
+
 def test_the_training_loader_leaves_its_batches_on_the_host(tiny_clip_dir):
     """`model_inputs` moves them without blocking; Accelerate's placement would wait for the device."""
     import torch
