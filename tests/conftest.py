@@ -17,6 +17,35 @@ if str(REPO_ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 
+def run_on_two_processes(module: str, function: str, *args, timeout: int = 120) -> None:
+    """`accelerate.debug_launcher(module.function, args)` on two CPU processes, forked from a fresh
+    interpreter: forking this one after it has run OpenMP-parallel torch ops can hang the children."""
+    import signal
+    import subprocess
+
+    code = (
+        f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
+        "from accelerate import debug_launcher\n"
+        f"from {module} import {function}\n"
+        f"debug_launcher({function}, args={args!r}, num_processes=2)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a hang can be killed whole
+    )
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        output, _ = child.communicate()
+        pytest.fail(f"{function} on two processes did not finish within {timeout} s:\n{output[-3000:]}")
+    assert child.returncode == 0, output[-3000:]
+
+
 def two_process_launcher(port: int) -> list[str]:
     """`accelerate launch` with two processes on the CPU (the spelling that really starts two)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -1,15 +1,12 @@
 """Metric arithmetic against hand-computed values and a naive re-computation of the CLIPSeg protocol."""
 
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_on_two_processes
 from scipy.integrate import simpson
 
 from clipseg_tools.metrics import (
@@ -324,28 +321,7 @@ def count_five_samples_on_two_processes():
 
 
 def test_sweep_gathers_each_sample_once_across_two_processes():
-    # accelerate.debug_launcher forks; forking this interpreter after it has run OpenMP-parallel torch
-    # ops can hang the children, so the two processes are forked from a fresh interpreter.
-    code = (
-        f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
-        "from accelerate import debug_launcher\n"
-        "from test_metrics import count_five_samples_on_two_processes\n"
-        "debug_launcher(count_five_samples_on_two_processes, num_processes=2)\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own process group, so a hang can be killed whole
-    )
-    try:
-        output, _ = child.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        pytest.fail("The two-process sweep did not finish within 120 s.")
-    assert child.returncode == 0, output
+    run_on_two_processes("test_metrics", "count_five_samples_on_two_processes")
 
 
 # ---------------------------------------------------------------- official PhraseCut protocol

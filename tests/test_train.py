@@ -11,7 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import two_process_launcher  # noqa: E402
+from conftest import run_on_two_processes, two_process_launcher  # noqa: E402
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -370,29 +370,9 @@ def skip_together_when_one_process_has_a_nan(tiny_clip_dir):
 
 
 def test_one_process_non_finite_loss_skips_the_step_on_every_process(tiny_clip_dir):
-    # As test_metrics: debug_launcher forks a fresh interpreter's two processes (forking this one can hang).
-    code = (
-        f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / 'tests')!r}]\n"
-        "from accelerate import debug_launcher\n"
-        "from test_train import skip_together_when_one_process_has_a_nan\n"
-        f"debug_launcher(skip_together_when_one_process_has_a_nan, args=({str(tiny_clip_dir)!r},), num_processes=2)\n"
-        "print('both processes done')\n"
+    run_on_two_processes(
+        "test_train", "skip_together_when_one_process_has_a_nan", str(tiny_clip_dir), timeout=180
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = child.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        output, _ = child.communicate()
-        pytest.fail(f"the two processes hung:\n{output[-3000:]}")
-    assert child.returncode == 0 and "both processes done" in output, output[-3000:]
 
 
 def test_the_training_loader_leaves_its_batches_on_the_host(tiny_clip_dir):
