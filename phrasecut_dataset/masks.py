@@ -110,28 +110,24 @@ def decode_image(image_cell: Any) -> Image.Image:
     Accepts what a dataset row can hold: a decoded PIL image, a `{"bytes": ..., "path": ...}` dict
     (an `Image(decode=False)` column or a Parquet row), raw bytes, or a file path.
     """
+    data = _encoded_bytes(image_cell)
     if isinstance(image_cell, Image.Image):
         image = image_cell
-    elif isinstance(image_cell, Mapping):
-        if image_cell.get("bytes") is not None:
-            image = Image.open(io.BytesIO(image_cell["bytes"]))
-        else:
-            image = Image.open(image_cell["path"])
-    elif isinstance(image_cell, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(image_cell))
+    elif data is not None:
+        image = Image.open(io.BytesIO(data))
     else:
-        image = Image.open(image_cell)
+        image = Image.open(image_cell["path"] if isinstance(image_cell, Mapping) else image_cell)
     if image.mode == "RGB":
         image.load()  # decode now (errors surface here) and close the file; convert would also copy
         return image
     return image.convert("RGB")
 
 
-def _encoded_bytes(image_cell: Any) -> bytes | None:
+def _encoded_bytes(image_cell: Any) -> bytes | bytearray | None:
     """The encoded bytes an image cell holds (a `{"bytes": ...}` dict or raw bytes), else None."""
     if isinstance(image_cell, Mapping):
         return image_cell.get("bytes")
-    return bytes(image_cell) if isinstance(image_cell, (bytes, bytearray)) else None
+    return image_cell if isinstance(image_cell, (bytes, bytearray)) else None
 
 
 def decode_pixels(image_cell: Any) -> np.ndarray:
