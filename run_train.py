@@ -43,6 +43,7 @@ from clipseg_tools.batching import (
 )
 from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import evaluate
+from clipseg_tools.handover import SharedBatchRing
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
@@ -610,13 +611,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
-        collate_fn=partial(
-            collate_training,
-            tokenizer=processor.tokenizer,
-            max_length=model.config.text_config.max_position_embeddings,
-            # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
-            pad_to_multiple_of=16 if args.compile else None,
-            pack_labels=True,
+        # Workers hand batches over through buffers they reuse (`SharedBatchRing`): the main process maps
+        # each once and copies batches out, into pinned memory on a GPU, with no page faults per batch.
+        collate_fn=SharedBatchRing(
+            partial(
+                collate_training,
+                tokenizer=processor.tokenizer,
+                max_length=model.config.text_config.max_position_embeddings,
+                # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
+                pad_to_multiple_of=16 if args.compile else None,
+                pack_labels=True,
+            ),
+            pin_memory=accelerator.device.type == "cuda",
         ),
     )
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest

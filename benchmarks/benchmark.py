@@ -302,6 +302,7 @@ def loop_rate(args, step, device) -> dict[str, float]:
         collate_training,
         model_inputs,
     )
+    from clipseg_tools.handover import SharedBatchRing
 
     split, tokenizer = loop_data(args)
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
@@ -317,8 +318,9 @@ def loop_rate(args, step, device) -> dict[str, float]:
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        collate_fn=partial(
-            collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True
+        collate_fn=SharedBatchRing(
+            partial(collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True),
+            pin_memory=device.type == "cuda",
         ),
     )
 

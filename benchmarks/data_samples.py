@@ -12,8 +12,11 @@ best is the one to compare: the others add what else the machine was doing):
 Synthetic PhraseCut-sized images (375-500 px).
 
 And the main process's share, with the masks as bool and packed eight to a byte (`collate_training`'s
-`pack_labels`, what run_train.py uses): taking a batch from a worker process and copying it once, the work of
-the loader's pin-memory thread on a GPU machine (random images and masks of the batch's shapes).
+`pack_labels`, what run_train.py uses), each handed over the default way (fresh shared memory per batch) and
+through reused buffers (`SharedBatchRing`, what run_train.py uses): taking a batch from a worker process and
+copying it once, the work of the loader's pin-memory thread on a GPU machine (random images and masks of the
+batch's shapes). Last, the pipeline alone: samples per second from one worker process to the main process,
+with either hand-over.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from clipseg_tools.batching import (  # noqa: E402
 )
 from clipseg_tools.data import load_splits  # noqa: E402
 from clipseg_tools.demo import demo_words  # noqa: E402
+from clipseg_tools.handover import SharedBatchRing  # noqa: E402
 from clipseg_tools.tiny_clip import build_word_tokenizer  # noqa: E402
 from phrasecut_dataset import shrink_images, write_synthetic_phrasecut  # noqa: E402
 
@@ -87,18 +91,45 @@ class WorkerBatches(Dataset):
         return {"pixel_values": pixels.permute(0, 3, 1, 2), **labels}
 
 
-def main_process_ms_per_batch(batch_size: int, size: int, packed: bool, batches: int = 4) -> float:
-    """Take ready batches from a worker's queue and copy each once, as a pin-memory thread does."""
+def _whole_batch(batch: dict) -> dict:
+    return batch
+
+
+def main_process_ms_per_batch(
+    batch_size: int, size: int, packed: bool, ring: bool = False, batches: int = 3
+) -> float:
+    """Take ready batches from a worker's queue and copy each once into fresh memory, as a pin-memory thread
+    does (into pinned memory, which its cache reuses: no page faults there). With `ring`, the worker's
+    buffers have each carried a batch before (the steady state of a training run)."""
     loader = DataLoader(
-        WorkerBatches(batch_size, size, packed), batch_size=None, num_workers=1, prefetch_factor=batches
+        WorkerBatches(batch_size, size, packed),
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=batches,
+        collate_fn=SharedBatchRing(_whole_batch, slots=batches) if ring else None,
     )
     ready = iter(loader)
-    next(ready)
+    for _ in range(2 * batches):
+        next(ready)
     time.sleep(3 + batches)  # the worker fills its queue: only the main process's work is timed
     start = time.perf_counter()
     for _ in range(batches):
-        [value.clone() for value in next(ready).values()]
+        batch = next(ready)
+        if not ring:  # the ring's batches arrive copied out of its buffers already
+            [value.clone() for value in batch.values()]
     return (time.perf_counter() - start) / batches * 1e3
+
+
+def pipeline_samples_per_second(samples: TrainingSamples, collate, batch_size: int, batches: int) -> float:
+    """Samples per second through one worker process (samples, collate, hand-over) into the main process,
+    each batch copied once there."""
+    loader = DataLoader(samples, batch_size=batch_size, shuffle=True, num_workers=1, collate_fn=collate)
+    ready = iter(loader)
+    next(ready)
+    start = time.perf_counter()
+    for _ in range(batches):
+        [value.clone() for value in next(ready).values() if isinstance(value, torch.Tensor)]
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
@@ -121,10 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     )
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
     results = {}
-    for name, data in (
-        ("full size", split),
-        ("stored at the model's size", shrink_images(split, args.image_size)),
-    ):
+    stored = shrink_images(split, args.image_size)
+    for name, data in (("full size", split), ("stored at the model's size", stored)):
         samples = TrainingSamples(data, PhraseIndex.from_dataset(data), options)
         results[name] = {
             "per_sample_ms": [milliseconds_per_sample(samples, args.samples) for _ in range(args.repeats)],
@@ -142,18 +171,39 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
             + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_in_batch_ms"]),
             flush=True,
         )
-    for packed in (False, True):
-        name = "main process, masks " + ("packed" if packed else "as bool")
+    for packed, ring in ((False, False), (True, False), (True, True)):
+        name = (
+            "main process, masks "
+            + ("packed" if packed else "as bool")
+            + (", reused buffers" if ring else "")
+        )
         results[name] = {
             "per_batch_ms": [
-                main_process_ms_per_batch(args.batch_size, args.image_size, packed)
+                main_process_ms_per_batch(args.batch_size, args.image_size, packed, ring)
                 for _ in range(args.repeats)
             ]
         }
         print(
-            f"{name:>27}: "
+            f"{name:>44}: "
             + " / ".join(f"{ms:.1f}" for ms in results[name]["per_batch_ms"])
             + f" ms per batch of {args.batch_size} taken from a worker and copied once",
+            flush=True,
+        )
+    samples = TrainingSamples(stored, PhraseIndex.from_dataset(stored), options)
+    batches = max(2, args.samples // args.batch_size)
+    for ring in (False, True):
+        name = "pipeline alone, " + ("reused buffers" if ring else "default hand-over")
+        handover = SharedBatchRing(collate) if ring else collate
+        results[name] = {
+            "samples_per_second": [
+                pipeline_samples_per_second(samples, handover, args.batch_size, batches)
+                for _ in range(args.repeats)
+            ]
+        }
+        print(
+            f"{name:>44}: "
+            + " / ".join(f"{rate:.0f}" for rate in results[name]["samples_per_second"])
+            + " samples/s from one worker, images stored at the model's size",
             flush=True,
         )
     return results

@@ -46,6 +46,19 @@ def run_on_two_processes(module: str, function: str, *args, timeout: int = 120) 
     assert child.returncode == 0, output[-3000:]
 
 
+@pytest.fixture(scope="module")
+def train_split(synthetic_data, tmp_path_factory):
+    """The synthetic training split with its images left encoded, as run_train.py reads it."""
+    import datasets
+
+    from phrasecut_dataset import load_phrasecut
+
+    split = load_phrasecut(synthetic_data, cache_dir=tmp_path_factory.mktemp("cache"), splits=["train"])[
+        "train"
+    ]
+    return split.cast_column("image", datasets.Image(decode=False))
+
+
 def two_process_launcher(port: int) -> list[str]:
     """`accelerate launch` with two processes on the CPU (the spelling that really starts two)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

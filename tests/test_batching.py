@@ -25,17 +25,7 @@ from clipseg_tools.batching import (
 )
 from clipseg_tools.prompts import TEMPLATES, apply_template
 from clipseg_tools.tiny_clip import build_word_tokenizer
-from phrasecut_dataset import decode_image, image_to_tensor, load_phrasecut, resize_image, shrink_images
-
-
-@pytest.fixture(scope="module")
-def train_split(synthetic_data, tmp_path_factory):
-    import datasets
-
-    split = load_phrasecut(synthetic_data, cache_dir=tmp_path_factory.mktemp("cache"), splits=["train"])[
-        "train"
-    ]
-    return split.cast_column("image", datasets.Image(decode=False))
+from phrasecut_dataset import decode_image, image_to_tensor, resize_image, shrink_images
 
 
 def samples(split, **options):
