@@ -132,6 +132,11 @@ def pipeline_samples_per_second(samples: TrainingSamples, collate, batch_size: i
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def report(results: dict, name: str, key: str, values: list[float], digits: int, what: str) -> None:
+    results[name] = {key: values}
+    print(f"{name:>44}: " + " / ".join(f"{v:.{digits}f}" for v in values) + f" {what}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=400)
@@ -140,6 +145,27 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--image_size", type=int, default=352)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    results: dict[str, dict[str, list[float]]] = {}
+    # One thread, as the loader's pin-memory thread sets for itself on a GPU machine (and as each worker
+    # runs): two would make the copies here contend with the worker process for this machine's two cores.
+    torch.set_num_threads(1)
+
+    # First, in a process that has not yet allocated much: the copies' destinations behave as the pinned
+    # memory a GPU machine's loader reuses (fresh allocations in a fragmented heap add page faults).
+    for packed, ring in ((False, False), (True, False), (True, True)):
+        name = "main process, masks " + ("packed" if packed else "as bool") + (", reused buffers" * ring)
+        per_batch = [
+            main_process_ms_per_batch(args.batch_size, args.image_size, packed, ring)
+            for _ in range(args.repeats)
+        ]
+        report(
+            results,
+            name,
+            "per_batch_ms",
+            per_batch,
+            1,
+            f"ms per batch of {args.batch_size} taken from a worker and copied once",
+        )
 
     scratch = Path(tempfile.mkdtemp(prefix="clipseg_data_samples_"))
     data_dir = write_synthetic_phrasecut(
@@ -151,60 +177,40 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length, pack_labels=True
     )
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
-    results = {}
     stored = shrink_images(split, args.image_size)
     for name, data in (("full size", split), ("stored at the model's size", stored)):
         samples = TrainingSamples(data, PhraseIndex.from_dataset(data), options)
-        results[name] = {
-            "per_sample_ms": [milliseconds_per_sample(samples, args.samples) for _ in range(args.repeats)],
-            "per_sample_in_batch_ms": [
-                milliseconds_per_batched_sample(samples, collate, args.samples, args.batch_size)
-                for _ in range(args.repeats)
-            ],
-        }
-        figures = results[name]
-        print(
-            f"{name:>27}: "
-            + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_ms"])
-            + " ms per sample; in a worker's batch of "
-            + f"{args.batch_size} (collate, hand-over): "
-            + " / ".join(f"{ms:.2f}" for ms in figures["per_sample_in_batch_ms"]),
-            flush=True,
+        per_sample = [milliseconds_per_sample(samples, args.samples) for _ in range(args.repeats)]
+        report(results, name, "per_sample_ms", per_sample, 2, "ms per sample")
+        in_batch = [
+            milliseconds_per_batched_sample(samples, collate, args.samples, args.batch_size)
+            for _ in range(args.repeats)
+        ]
+        report(
+            results,
+            name + ", in a worker's batch",
+            "per_sample_in_batch_ms",
+            in_batch,
+            2,
+            f"ms per sample in a batch of {args.batch_size} (collate, default hand-over)",
         )
-    for packed, ring in ((False, False), (True, False), (True, True)):
-        name = (
-            "main process, masks "
-            + ("packed" if packed else "as bool")
-            + (", reused buffers" if ring else "")
-        )
-        results[name] = {
-            "per_batch_ms": [
-                main_process_ms_per_batch(args.batch_size, args.image_size, packed, ring)
-                for _ in range(args.repeats)
-            ]
-        }
-        print(
-            f"{name:>44}: "
-            + " / ".join(f"{ms:.1f}" for ms in results[name]["per_batch_ms"])
-            + f" ms per batch of {args.batch_size} taken from a worker and copied once",
-            flush=True,
-        )
+
     samples = TrainingSamples(stored, PhraseIndex.from_dataset(stored), options)
     batches = max(2, args.samples // args.batch_size)
     for ring in (False, True):
         name = "pipeline alone, " + ("reused buffers" if ring else "default hand-over")
         handover = SharedBatchRing(collate) if ring else collate
-        results[name] = {
-            "samples_per_second": [
-                pipeline_samples_per_second(samples, handover, args.batch_size, batches)
-                for _ in range(args.repeats)
-            ]
-        }
-        print(
-            f"{name:>44}: "
-            + " / ".join(f"{rate:.0f}" for rate in results[name]["samples_per_second"])
-            + " samples/s from one worker, images stored at the model's size",
-            flush=True,
+        rates = [
+            pipeline_samples_per_second(samples, handover, args.batch_size, batches)
+            for _ in range(args.repeats)
+        ]
+        report(
+            results,
+            name,
+            "samples_per_second",
+            rates,
+            0,
+            "samples/s from one worker, images stored at the model's size",
         )
     return results
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .batching import EvaluationImages, PhraseIndex, collate_evaluation, normalize_pixels
+from .handover import SharedBatchRing
 from .metrics import (
     OFFICIAL_THRESHOLD,
     THRESHOLDS,
@@ -68,11 +69,15 @@ def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> t
     `_original_forward`; that one is called, so evaluation runs in the precision the caller chose.
     """
     forward = getattr(model, "_original_forward", model)
+
+    def moved(name: str) -> torch.Tensor:
+        return batch[name].to(device, non_blocking=True)  # no wait from pinned memory
+
     logits = forward(
-        pixel_values=normalize_pixels(batch["pixel_values"].to(device)),
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        image_index=batch["image_index"].to(device),
+        pixel_values=normalize_pixels(moved("pixel_values")),
+        input_ids=moved("input_ids"),
+        attention_mask=moved("attention_mask"),
+        image_index=moved("image_index"),
     ).logits.float()
     if logits.shape != batch["labels"].shape:
         raise ValueError(
@@ -122,14 +127,21 @@ def evaluate(
         index = PhraseIndex.from_dataset(dataset)
         rows = list(range(len(dataset))) if rows is None else list(rows)
         own_rows = rows[accelerator.process_index :: accelerator.num_processes]
+        on_gpu = accelerator.device.type == "cuda"
         loader = DataLoader(
             EvaluationImages(dataset, image_size, own_rows, native_masks=True),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=partial(
-                collate_evaluation,
-                tokenizer=tokenizer,
-                max_length=model.config.text_config.max_position_embeddings,
+            pin_memory=on_gpu,
+            # Reused shared-memory buffers: each batch's many native-size masks would otherwise be shared
+            # one by one, each handed over and mapped anew by the main process.
+            collate_fn=SharedBatchRing(
+                partial(
+                    collate_evaluation,
+                    tokenizer=tokenizer,
+                    max_length=model.config.text_config.max_position_embeddings,
+                ),
+                pin_memory=on_gpu,
             ),
         )
         was_training = model.training

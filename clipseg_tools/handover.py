@@ -33,9 +33,9 @@ _MAPPED: dict[tuple[int, int], torch.Tensor] = {}
 class SharedBatchRing:
     """A collate function whose batches travel from a worker to the main process through reused buffers.
 
-    `collate(items)` must return a dict; its tensors arrive as copies with the same dtypes, shapes and
-    strides (a channels-last batch stays channels last), in pinned memory if `pin_memory`; other values
-    arrive as they are pickled. In the main process (no workers) it is `collate` itself.
+    `collate(items)` must return a dict; its tensors, and lists of tensors, arrive as copies with the same
+    dtypes, shapes and strides (a channels-last batch stays channels last), in pinned memory if
+    `pin_memory`; other values arrive as they are pickled. In the main process (no workers) it is `collate` itself.
     """
 
     def __init__(self, collate: Callable[[list], dict[str, Any]], slots: int = 3, pin_memory: bool = False):
@@ -70,8 +70,8 @@ class SharedBatchRing:
         buffer = self._buffers[slot]
         buffer[0] = 1
         for name, spec in layout:
-            if spec is not None:
-                _view(buffer, spec).copy_(batch[name].permute(spec[3]))
+            for tensor, place in _placed(batch[name], spec):
+                _view(buffer, place).copy_(tensor.permute(place[3]))
         return _BufferedBatch(buffer, (worker_id, slot), layout, batch, self.pin_memory)
 
     def _free_slot(self) -> int | None:
@@ -97,34 +97,54 @@ class _BufferedBatch:
 def _received(buffer, key, layout, others, pin_memory) -> dict[str, Any]:
     """In the main process: copy the batch out of the worker's buffer and give the buffer back."""
     _MAPPED[key] = buffer
+
+    def copied(place: tuple) -> torch.Tensor:
+        source = _view(buffer, place)
+        copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin_memory).copy_(source)
+        return copy.permute(_inverse(place[3]))
+
     batch = {}
     for name, spec in layout:
         if spec is None:
             batch[name] = others[name]
-            continue
-        source = _view(buffer, spec)
-        copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin_memory).copy_(source)
-        batch[name] = copy.permute(_inverse(spec[3]))
+        else:
+            batch[name] = copied(spec) if isinstance(spec, tuple) else [copied(place) for place in spec]
     buffer[0] = 0
     return batch
 
 
 def _layout(batch: dict[str, Any]) -> tuple[list, int]:
-    """Where each tensor goes in a buffer: (name, (offset, dtype, dense shape, order) or None) per value,
-    and the bytes needed. A tensor is stored in the order of its dimensions in memory (`order`), so its
-    strides come back as they were."""
+    """Where each tensor goes in a buffer, and the bytes needed. Per value: (name, spec), the spec being a
+    tensor's place (offset, dtype, dense shape, order), a list of places for a list of tensors (the
+    official protocol's native-size masks), or None for anything else (pickled as it is). A tensor is
+    stored in the order of its dimensions in memory (`order`), so its strides come back as they were."""
     if not isinstance(batch, dict):
         raise TypeError(f"SharedBatchRing needs a collate function that returns a dict, got {type(batch)}")
     layout, offset = [], _HEADER_BYTES
+
+    def place(tensor: torch.Tensor) -> tuple:
+        nonlocal offset
+        order = _memory_order(tensor)
+        dense_shape = tuple(tensor.permute(order).shape)
+        start = offset
+        offset += -(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT
+        return (start, tensor.dtype, dense_shape, order)
+
     for name, value in batch.items():
-        if not isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):
+            layout.append((name, place(value)))
+        elif isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            layout.append((name, [place(v) for v in value]))
+        else:
             layout.append((name, None))
-            continue
-        order = _memory_order(value)
-        dense = value.permute(order)
-        layout.append((name, (offset, value.dtype, tuple(dense.shape), order)))
-        offset += -(-dense.numel() * value.element_size() // _ALIGNMENT) * _ALIGNMENT
     return layout, offset
+
+
+def _placed(value: Any, spec: Any) -> list[tuple[torch.Tensor, tuple]]:
+    """(tensor, place) pairs of one batch value."""
+    if spec is None:
+        return []
+    return [(value, spec)] if isinstance(spec, tuple) else list(zip(value, spec))
 
 
 def _memory_order(tensor: torch.Tensor) -> tuple[int, ...]:

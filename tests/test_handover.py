@@ -13,9 +13,11 @@ from torch.utils.data import DataLoader
 from clipseg_tools import handover
 from clipseg_tools.batching import (
     EpochSampler,
+    EvaluationImages,
     PhraseIndex,
     TrainingOptions,
     TrainingSamples,
+    collate_evaluation,
     collate_training,
 )
 from clipseg_tools.handover import SharedBatchRing
@@ -28,12 +30,20 @@ def collate(tmp_path_factory):
     return partial(collate_training, tokenizer=tokenizer, max_length=16, pack_labels=True)
 
 
+def assert_same_tensor(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert got.dtype == expected.dtype and got.stride() == expected.stride(), name
+    assert torch.equal(got, expected), name
+
+
 def assert_same_batch(got: dict, expected: dict) -> None:
     assert list(got) == list(expected)
     for name, value in expected.items():
         if isinstance(value, torch.Tensor):
-            assert got[name].dtype == value.dtype and got[name].stride() == value.stride(), name
-            assert torch.equal(got[name], value), name
+            assert_same_tensor(got[name], value, name)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            assert len(got[name]) == len(value), name
+            for got_tensor, tensor in zip(got[name], value):
+                assert_same_tensor(got_tensor, tensor, name)
         else:
             assert got[name] == value, name
 
@@ -113,6 +123,19 @@ def test_a_larger_batch_gets_a_larger_buffer(train_split, collate, in_a_worker):
     large = ring(batch)
     assert large.buffer.numel() > small.buffer.numel()
     assert_same_batch(sent_to_the_main_process(large), collate(batch))
+
+
+def test_lists_of_tensors_travel_in_the_buffer_too(train_split, tmp_path, in_a_worker):
+    """An evaluation batch: the native-size masks are a list of tensors of different sizes."""
+    tokenizer = build_word_tokenizer(["a", "b", "red", "car"], tmp_path / "tokenizer")
+    collate = partial(collate_evaluation, tokenizer=tokenizer, max_length=16)
+    images = EvaluationImages(train_split, 64)
+    batch = [images[0], images[1], images[2]]
+    buffered = SharedBatchRing(collate)(batch)
+    assert isinstance(dict(buffered.layout)["native_masks"], list)  # placed in the buffer, mask by mask
+    received = sent_to_the_main_process(buffered)
+    assert_same_batch(received, collate(batch))
+    assert len({tuple(mask.shape) for mask in received["native_masks"]}) > 1
 
 
 def test_in_the_main_process_it_is_the_collate_function(train_split, collate):
