@@ -1,22 +1,20 @@
-"""CPU cost of the training data, with the training images at full size and stored at the model's size.
+"""CPU cost of the data pipeline: a worker's samples, and the main process's share of every batch.
 
-    python benchmarks/data_samples.py --num_images 400 --samples 300
+    python benchmarks/data_samples.py --num_images 400 --samples 640
 
-Two figures per storage, each taken --repeats times after a few warm-up samples, in one process (the
-best is the one to compare: the others add what else the machine was doing):
-- per sample: what `TrainingSamples` does for one item (one phrase per image, random square crop): read the
-  row, decode the JPEG, rasterise the mask, crop, resize to the model's size;
-- per sample in a worker's batch: a data-loader worker's whole job for a batch of --batch_size, divided by
-  the batch: the samples, `collate_training` (stacking, tokenizing) and the hand-over of the batch to the
-  main process (its tensors moved to shared memory, as a worker's queue does when it pickles them).
-Synthetic PhraseCut-sized images (375-500 px).
-
-And the main process's share, with the masks as bool and packed eight to a byte (`collate_training`'s
-`pack_labels`, what run_train.py uses), each handed over the default way (fresh shared memory per batch) and
-through reused buffers (`SharedBatchRing`, what run_train.py uses): taking a batch from a worker process and
-copying it once, the work of the loader's pin-memory thread on a GPU machine (random images and masks of the
-batch's shapes). Last, the pipeline alone: samples per second from one worker process to the main process,
-with either hand-over.
+Each figure is taken --repeats times (the best is the one to compare: the others add what else the machine
+was doing), on synthetic PhraseCut-sized images (375-500 px), with one thread in this process as a GPU
+machine's pin-memory thread has:
+- the main process's share of a training batch: taking a ready batch from a worker process and copying it
+  once (the pin-memory thread's work), with the masks as bool or packed eight to a byte (`collate_training`'s
+  `pack_labels`), handed over the default way (fresh shared memory per batch) or through the worker's
+  reused buffers (`SharedBatchRing`, what run_train.py uses); random images and masks of the batch's shapes;
+- the same for an evaluation batch of 8 whole images with their native-size masks (`collate_evaluation`);
+- per sample, with the training images at full size and stored at the model's size: what `TrainingSamples`
+  does for one item (read the row, decode the JPEG, rasterise the mask, crop, resize), and a worker's whole
+  job for a batch of --batch_size divided by the batch (the samples, `collate_training`, the default
+  hand-over: its tensors moved to shared memory, as a worker's queue does when it pickles them);
+- the pipeline alone: samples per second from one worker process into the main process, either hand-over.
 """
 
 from __future__ import annotations
@@ -34,9 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clipseg_tools.batching import (  # noqa: E402
+    EvaluationImages,
     PhraseIndex,
     TrainingOptions,
     TrainingSamples,
+    collate_evaluation,
     collate_training,
     pack_masks,
 )
@@ -95,18 +95,25 @@ def _whole_batch(batch: dict) -> dict:
     return batch
 
 
+def _copy_once(batch: dict) -> None:
+    for value in batch.values():
+        for tensor in value if isinstance(value, list) else [value]:
+            if isinstance(tensor, torch.Tensor):
+                tensor.clone()
+
+
 def main_process_ms_per_batch(
-    batch_size: int, size: int, packed: bool, ring: bool = False, batches: int = 3
+    dataset: Dataset, collate, ring: bool, batch_size: int | None = None, batches: int = 3
 ) -> float:
-    """Take ready batches from a worker's queue and copy each once into fresh memory, as a pin-memory thread
-    does (into pinned memory, which its cache reuses: no page faults there). With `ring`, the worker's
-    buffers have each carried a batch before (the steady state of a training run)."""
+    """Take ready batches from a worker's queue and copy each once, as a pin-memory thread does. With
+    `ring`, the worker's buffers have each carried a batch before (the steady state of a run), and the copy
+    is the ring's own."""
     loader = DataLoader(
-        WorkerBatches(batch_size, size, packed),
-        batch_size=None,
+        dataset,
+        batch_size=batch_size,
         num_workers=1,
         prefetch_factor=batches,
-        collate_fn=SharedBatchRing(_whole_batch, slots=batches) if ring else None,
+        collate_fn=SharedBatchRing(collate, slots=batches) if ring else collate,
     )
     ready = iter(loader)
     for _ in range(2 * batches):
@@ -116,7 +123,7 @@ def main_process_ms_per_batch(
     for _ in range(batches):
         batch = next(ready)
         if not ring:  # the ring's batches arrive copied out of its buffers already
-            [value.clone() for value in batch.values()]
+            _copy_once(batch)
     return (time.perf_counter() - start) / batches * 1e3
 
 
@@ -154,18 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     # memory a GPU machine's loader reuses (fresh allocations in a fragmented heap add page faults).
     for packed, ring in ((False, False), (True, False), (True, True)):
         name = "main process, masks " + ("packed" if packed else "as bool") + (", reused buffers" * ring)
-        per_batch = [
-            main_process_ms_per_batch(args.batch_size, args.image_size, packed, ring)
-            for _ in range(args.repeats)
-        ]
-        report(
-            results,
-            name,
-            "per_batch_ms",
-            per_batch,
-            1,
-            f"ms per batch of {args.batch_size} taken from a worker and copied once",
-        )
+        batches = WorkerBatches(args.batch_size, args.image_size, packed)
+        per_batch = [main_process_ms_per_batch(batches, _whole_batch, ring) for _ in range(args.repeats)]
+        what = f"ms per training batch of {args.batch_size} taken from a worker and copied once"
+        report(results, name, "per_batch_ms", per_batch, 1, what)
 
     scratch = Path(tempfile.mkdtemp(prefix="clipseg_data_samples_"))
     data_dir = write_synthetic_phrasecut(
@@ -194,6 +193,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
             2,
             f"ms per sample in a batch of {args.batch_size} (collate, default hand-over)",
         )
+
+    evaluation = EvaluationImages(split, args.image_size)
+    collate_eval = partial(collate_evaluation, tokenizer=tokenizer, max_length=tokenizer.model_max_length)
+    for ring in (False, True):
+        name = "main process, evaluation, " + ("reused buffers" if ring else "default hand-over")
+        per_batch = [
+            main_process_ms_per_batch(evaluation, collate_eval, ring, batch_size=8)
+            for _ in range(args.repeats)
+        ]
+        what = "ms per evaluation batch of 8 images (native-size masks) taken from a worker and copied once"
+        report(results, name, "per_batch_ms", per_batch, 1, what)
 
     samples = TrainingSamples(stored, PhraseIndex.from_dataset(stored), options)
     batches = max(2, args.samples // args.batch_size)
