@@ -501,16 +501,18 @@ def prompt_inputs(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> 
 
 
 def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Text embeddings, mixed with example-image embeddings where the batch carries them (PC+)."""
-    embeddings = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
-    if "visual_pixel_values" in batch:
-        weight = batch["text_weight"].to(embeddings.dtype)
-        mixed = weight < 1
-        if mixed.any():
-            images = model.image_embeddings(batch["visual_pixel_values"][mixed]).to(embeddings.dtype)
-            embeddings = embeddings.clone()
-            embeddings[mixed] = weight[mixed, None] * embeddings[mixed] + (1 - weight[mixed, None]) * images
-    return embeddings
+    """Text embeddings, mixed with example-image embeddings for the phrases that have one (PC+).
+
+    Which phrases those are comes from the host (`visual_index`, its length a shape), so nothing is read
+    back from the device; the tokens go without their mask, as in `prompt_inputs`."""
+    embeddings = model.text_embeddings(batch["input_ids"])
+    if batch.get("visual_pixel_values") is None or not len(batch["visual_pixel_values"]):
+        return embeddings
+    index = batch["visual_index"]
+    weight = batch["text_weight"].to(embeddings.dtype).index_select(0, index)[:, None]
+    images = model.image_embeddings(batch["visual_pixel_values"]).to(embeddings.dtype)
+    mixed = weight * embeddings.index_select(0, index) + (1 - weight) * images
+    return embeddings.index_copy(0, index, mixed)
 
 
 def run_evaluation(args, accelerator, model, split, processor, description) -> dict[str, float]:

@@ -317,14 +317,14 @@ class TrainingSamples(Dataset):
         return ""  # every phrase of the split is in this image: keep it a negative with no text
 
     def _add_visual_prompts(self, sample: dict, chosen: list[int], rng: np.random.Generator) -> None:
-        """Example images from another sample of each phrase; phrases seen once get text only (weight 1)."""
+        """Example images from another sample of each phrase, for the phrases that have one (`visual_index`,
+        their positions); those get a text weight below 1, the others text only (weight 1)."""
         size = self.options.image_size
-        visuals, weights = [], []
+        visuals, positions, weights = [], [], []
         for k, phrase in enumerate(sample["phrases"]):
             candidates = self.index.tasks_by_phrase.get(phrase, np.empty(0, dtype=np.int64))
             candidates = candidates[candidates != chosen[k]]
             if not len(candidates):
-                visuals.append(torch.zeros(3, size, size, dtype=torch.uint8))
                 weights.append(1.0)
                 continue
             support = int(candidates[rng.integers(len(candidates))])
@@ -333,8 +333,10 @@ class TrainingSamples(Dataset):
             support_task = row["tasks"][int(self.index.task_in_row[support])]
             mask = task_mask(support_task, row, support_image.height, support_image.width)
             visuals.append(image_to_uint8(visual_prompt(support_image, mask, size)))
+            positions.append(k)
             weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
-        sample["visual_pixel_values"] = torch.stack(visuals)
+        sample["visual_pixel_values"] = visuals  # [3, S, S] each, stacked by the collate
+        sample["visual_index"] = torch.tensor(positions, dtype=torch.long)
         sample["text_weight"] = torch.tensor(weights)
 
 
@@ -381,7 +383,15 @@ def collate_training(
         **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
     }
     if "visual_pixel_values" in items[0]:
-        batch["visual_pixel_values"] = torch.cat([item["visual_pixel_values"] for item in items])
+        visuals = [v for item in items for v in item["visual_pixel_values"]]
+        size = batch["pixel_values"].shape[-1]
+        batch["visual_pixel_values"] = (
+            stack_images(visuals) if visuals else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        )
+        first_phrase = np.cumsum([0] + [len(item["phrases"]) for item in items])
+        batch["visual_index"] = torch.cat(
+            [item["visual_index"] + start for item, start in zip(items, first_phrase)]
+        )
         batch["text_weight"] = torch.cat([item["text_weight"] for item in items])
     return batch
 

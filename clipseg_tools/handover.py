@@ -1,10 +1,11 @@
 """Data-loader workers hand their batches to the main process through shared-memory buffers they reuse.
 
-By default a worker moves every batch into fresh shared memory and the main process maps that memory anew,
-so every byte of every batch costs a page fault on both sides: on the development machine 13 ms in the
-worker and 9 ms in the main process per batch of 64 images at 352 px (`benchmarks/data_samples.py`). On a
-GPU machine the main process's share is what limits the data-fed training loop, since one process takes
-every worker's batches.
+By default a worker moves every tensor of every batch into fresh shared memory (page faults as it writes)
+and hands its file over; the main process fetches the descriptor from the worker, maps the file and reads
+it (page faults again). One thread of the main process (the pin-memory thread on a GPU) does this for every
+worker's batches, so on a fast GPU it can bound the data-fed training loop. On the development machine this
+took 14-15 ms per training batch of 64 images at 352 px, and 4 ms through reused buffers
+(`benchmarks/data_samples.py`, `benchmarks/RESULTS.md`).
 
 `SharedBatchRing` wraps a collate function: in a worker it writes each batch into one of a few buffers the
 worker keeps (a ring); the main process keeps every buffer mapped after the first batch it brought, copies
@@ -35,7 +36,7 @@ class SharedBatchRing:
 
     `collate(items)` must return a dict; its tensors, and lists of tensors, arrive as copies with the same
     dtypes, shapes and strides (a channels-last batch stays channels last), in pinned memory if
-    `pin_memory`; other values arrive as they are pickled. In the main process (no workers) it is `collate` itself.
+    `pin_memory`; other values arrive as they are pickled. Without workers it is `collate` itself.
     """
 
     def __init__(self, collate: Callable[[list], dict[str, Any]], slots: int = 3, pin_memory: bool = False):

@@ -88,10 +88,32 @@ def test_phrases_come_from_the_anchor_image_and_negatives_are_absent(train_split
 
 def test_visual_prompts_come_with_text_weights(train_split):
     data = samples(train_split, phrases_per_image=2, visual_prompts=True, mix_text_min=0.1, mix_text_max=0.4)
-    item = data[0]
-    assert item["visual_pixel_values"].shape == (2, 3, 64, 64)
-    weights = item["text_weight"]
-    assert all(w == 1.0 or 0.1 <= w <= 0.4 for w in weights.tolist())
+    mixed = 0
+    for item in (data[i] for i in range(len(data))):
+        index, weights = item["visual_index"].tolist(), item["text_weight"].tolist()
+        assert len(weights) == len(item["phrases"]) == 2
+        assert len(item["visual_pixel_values"]) == len(index) and all(
+            tuple(v.shape) == (3, 64, 64) for v in item["visual_pixel_values"]
+        )
+        assert all((0.1 <= w <= 0.4) if k in index else w == 1.0 for k, w in enumerate(weights))
+        mixed += len(index)
+    assert 0 < mixed < 2 * len(data)  # some phrases have an example image elsewhere, some do not
+
+
+def test_collated_visual_prompts_point_at_their_phrases(train_split, tmp_path):
+    data = samples(train_split, phrases_per_image=2, visual_prompts=True)
+    items = [data[i] for i in range(6)]
+    tokenizer = build_word_tokenizer(["red", "circle"], tmp_path, max_length=16)
+    batch = collate_training(items, tokenizer=tokenizer, max_length=16)
+    visuals = [
+        (k, v) for item in items for k, v in zip(item["visual_index"].tolist(), item["visual_pixel_values"])
+    ]
+    starts = np.cumsum([0] + [len(item["phrases"]) for item in items])
+    expected_index = [start + k for item, start in zip(items, starts) for k in item["visual_index"].tolist()]
+    assert batch["visual_index"].tolist() == expected_index
+    assert batch["visual_pixel_values"].shape == (len(visuals), 3, 64, 64)
+    assert all(torch.equal(batch["visual_pixel_values"][i], v) for i, (_, v) in enumerate(visuals))
+    assert torch.equal(batch["text_weight"], torch.cat([item["text_weight"] for item in items]))
 
 
 def test_visual_prompt_darkens_the_background_and_crops_to_the_object():

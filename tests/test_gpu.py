@@ -46,9 +46,11 @@ def test_tower_graph_gives_the_eager_towers_results(bf16_backbone):
     assert len(graphed._tower_graph.graphs) == 3
 
 
-def test_a_training_step_issues_no_synchronising_call():
+@pytest.mark.parametrize("example_images", [False, True])
+def test_a_training_step_issues_no_synchronising_call(example_images):
     """run_train.py's step from a pinned host batch: the copy in, forward, backward, the device-side skip of a
-    non-finite step and the fused optimizer, with PyTorch's sync debug mode turned to errors."""
+    non-finite step and the fused optimizer, with PyTorch's sync debug mode turned to errors; with an example
+    image mixed into one phrase's prompt (PC+) too."""
 
     from accelerate import Accelerator
 
@@ -68,6 +70,10 @@ def test_a_training_step_issues_no_synchronising_call():
         "image_index": torch.tensor([0, 1]).pin_memory(),
         "labels": (torch.rand(2, 64, 64) > 0.5).pin_memory(),
     }
+    if example_images:
+        batch["visual_pixel_values"] = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).pin_memory()
+        batch["visual_index"] = torch.tensor([1]).pin_memory()
+        batch["text_weight"] = torch.tensor([1.0, 0.3]).pin_memory()
     before = [p.detach().clone() for p in trainable]
     for _ in range(2):  # warm-up: optimizer state, cached allocations
         run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)

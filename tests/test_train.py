@@ -290,6 +290,42 @@ def tiny_batch(labels):
     }
 
 
+def pc_plus_batch(labels):
+    """tiny_batch with an example image for its second phrase (PC+), as collate_training makes it."""
+    import torch
+
+    return {
+        **tiny_batch(labels),
+        "visual_pixel_values": torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8),
+        "visual_index": torch.tensor([1]),
+        "text_weight": torch.tensor([1.0, 0.3]),
+    }
+
+
+def test_pc_plus_mixes_each_phrase_with_its_example_image_as_the_model_does(tiny_clip_dir):
+    import torch
+
+    import run_train
+    from clipseg_tools.batching import model_inputs
+
+    model = tiny_training(tiny_clip_dir)[2]
+    batch = model_inputs(pc_plus_batch(torch.rand(2, 32, 32) > 0.5), "cpu")
+    mixed = run_train.conditional_embeddings(model, batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        text_only = model.text_embeddings(ids[:1], mask[:1])
+        own_mix = model(
+            pixel_values=batch["pixel_values"][1:],
+            input_ids=ids[1:],
+            attention_mask=mask[1:],
+            conditional_pixel_values=batch["visual_pixel_values"],
+            text_weight=0.3,
+        ).conditional_embeddings
+    assert torch.allclose(mixed[0], text_only[0], atol=1e-6)
+    assert torch.allclose(mixed[1], own_mix[0], atol=1e-6)
+    assert not torch.allclose(mixed[1], model.text_embeddings(ids[1:], mask[1:])[0], atol=1e-3)
+
+
 def test_non_finite_losses_skip_their_steps_on_the_device_are_counted_and_stop_the_run(tiny_clip_dir, capsys):
     import torch
 
@@ -388,9 +424,10 @@ def test_the_training_loader_leaves_its_batches_on_the_host(tiny_clip_dir):
     assert prepared.device is None and len(list(prepared)) == 2
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monkeypatch):
+@pytest.mark.parametrize("prompts", ["phrases", "phrases and example images"])
+def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monkeypatch, prompts):
     """On a GPU every read of a tensor's value by the host waits for the device; a training step makes none
-    (logs and checkpoints read the window's sums, once per log)."""
+    (logs and checkpoints read the window's sums, once per log), with example images (PC+) too."""
     import traceback
 
     import torch
@@ -400,7 +437,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monke
     args, accelerator, model, optimizer, trainable, window = tiny_training(
         tiny_clip_dir, gradient_accumulation_steps=2
     )
-    batch = tiny_batch(torch.rand(2, 32, 32) > 0.5)
+    batch = (tiny_batch if prompts == "phrases" else pc_plus_batch)(torch.rand(2, 32, 32) > 0.5)
     run_train.train_batch(
         args, accelerator, model, optimizer, trainable, batch, window
     )  # optimizer state made
@@ -423,6 +460,15 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monke
         run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
     monkeypatch.undo()
     assert window["batches"] == 4
+
+
+def test_pc_plus_trains_on_batches_from_a_data_loader_worker(tmp_path, synthetic_data, tiny_clip_dir):
+    out = tmp_path / "pc_plus"
+    extra = ["--max_train_steps", "3", "--mix_visual_prompts", "--dataloader_num_workers", "1"]
+    result = run_script(train_args(synthetic_data, tiny_clip_dir, out, *extra))
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [e["train_loss"] for e in json.loads((out / "training_log.json").read_text())["log_history"]]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
 
 
 def test_low_precision_backbone_trains_and_the_saved_model_keeps_the_float32_clip(
