@@ -37,9 +37,13 @@ class SharedBatchRing:
     `collate(items)` must return a dict; its tensors, and lists of tensors, arrive as copies with the same
     dtypes, shapes and strides (a channels-last batch stays channels last), in pinned memory if
     `pin_memory`; other values arrive as they are pickled. Without workers it is `collate` itself.
+
+    `slots`: buffers per worker. A loader gives a worker its next batch to make when it has received one of
+    that worker's batches (which frees its buffer), so the loader's `prefetch_factor` (2 by default) is
+    enough; when none is free the batch goes the default way.
     """
 
-    def __init__(self, collate: Callable[[list], dict[str, Any]], slots: int = 3, pin_memory: bool = False):
+    def __init__(self, collate: Callable[[list], dict[str, Any]], slots: int = 2, pin_memory: bool = False):
         if slots < 1:
             raise ValueError(f"SharedBatchRing needs at least one slot, got {slots}")
         self.collate = collate
