@@ -12,7 +12,8 @@
 # 2. ours with CUDA graphs (run_train.py --compile --compile_mode reduce-overhead) against transformers'
 #    CLIPSeg on every case, bf16, batch 64, with the stages, an operator profile and the device's idle gaps;
 # 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes; ours
-#    runs run_train.py's own training step).
+#    runs run_train.py's own training step);
+# beside parts 0 and 1: benchmarks/data_samples.py (the data pipeline's CPU costs on this machine).
 # Each part is its own process with its own time limit. The GPU image has torch, transformers and accelerate
 # but not `datasets`: the wheels of datasets and its missing dependencies go in .whl/ (benchmarks/RESULTS.md
 # has the download line). Results go to $OUT; the summary is printed last. Calls 4 and 5 ran earlier
@@ -54,6 +55,11 @@ if [[ "${LOOP_ONLY:-0}" == 1 ]]; then
   grep -h -E "^ +[a-z_0-9]+ +[a-z_]+:|\[part" "$OUT"/part2*.log
   exit 0
 fi
+# The data pipeline's CPU figures on this machine (the main process's share of a batch, each hand-over): beside
+# parts 0 and 1, which load the GPU, not the CPU; done before part 2's fed loop starts.
+timeout 200 python3 benchmarks/data_samples.py --num_images 200 --samples 320 --repeats 2 2>&1 | quiet \
+  > "$OUT/data_samples.log" &
+samples=$!
 start=$SECONDS
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/part0_gpu_tests.log"
 echo "[part0_gpu_tests: $((SECONDS - start)) s]" | tee -a "$OUT/part0_gpu_tests.log"
@@ -61,7 +67,7 @@ start=$SECONDS
 timeout 150 python3 benchmarks/train_check.py --steps 12 --runs eager cuda_graphs 2>&1 | quiet \
   | tee "$OUT/part1_train_check.log"
 echo "[part1_train_check: $((SECONDS - start)) s]" | tee -a "$OUT/part1_train_check.log"
-wait $prep
+wait $prep $samples
 
 run part2_graphs 240 --variants lowp_graphs --cases stages train_step inference prompts_K train_step_K loop \
   "${loop[@]}" --profile "$OUT/profile_lowp_graphs.txt"
@@ -73,5 +79,6 @@ grep -h -E "s\): |difference|agree|\[part" "$OUT"/part1*.log
 grep -h -E "GFLOP|error vs eager|failed|FAILED|^ +[a-z_0-9]+ +[a-z_]+:|^stages|^ +[a-z +()]+: +[0-9.n]+ / |\[part" \
   "$OUT"/part2*.log
 tail -n 3 "$OUT/loop_data.log"
+cat "$OUT/data_samples.log"
 head -n 30 "$OUT/profile_lowp_graphs.txt"
 cat "$OUT/profile_lowp_graphs.txt.gaps.txt"
