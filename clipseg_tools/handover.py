@@ -16,8 +16,9 @@ default way, so nothing can be overwritten and nothing waits.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import get_worker_info
@@ -27,20 +28,32 @@ _ALIGNMENT = 64  # every tensor starts at a multiple of this, so any dtype can v
 
 # The main process's references to the buffers it received, keyed by (worker id, slot): they keep each
 # buffer mapped, so the worker's next batch in it arrives through torch's cache of shared storages
-# (no new mapping, no page faults). A restarted worker's buffer replaces its predecessor's.
+# (no new mapping, no page faults). A restarted worker's buffer, or another loader's worker's with the same
+# id (evaluation's), replaces the entry: at most workers x slots buffers stay mapped, and a replaced one
+# costs its worker one new mapping.
 _MAPPED: dict[tuple[int, int], torch.Tensor] = {}
+
+
+class _Place(NamedTuple):
+    """Where a tensor lies in a buffer: stored dense in the order of its dimensions in memory."""
+
+    offset: int  # bytes from the buffer's start
+    dtype: torch.dtype
+    dense_shape: tuple[int, ...]  # the shape once permuted by `order`
+    order: tuple[int, ...]  # the permutation that makes the tensor contiguous
 
 
 class SharedBatchRing:
     """A collate function whose batches travel from a worker to the main process through reused buffers.
 
     `collate(items)` must return a dict; its tensors, and lists of tensors, arrive as copies with the same
-    dtypes, shapes and strides (a channels-last batch stays channels last), in pinned memory if
-    `pin_memory`; other values arrive as they are pickled. Without workers it is `collate` itself.
+    dtypes and shapes, in pinned memory if `pin_memory`; a dense tensor keeps its strides (a channels-last
+    batch stays channels last), others arrive contiguous. Other values arrive as they are pickled. Without
+    workers it is `collate` itself.
 
     `slots`: buffers per worker. A loader gives a worker its next batch to make when it has received one of
     that worker's batches (which frees its buffer), so the loader's `prefetch_factor` (2 by default) is
-    enough; when none is free the batch goes the default way.
+    enough; when none is free the batch goes the default way, with a warning the first time.
     """
 
     def __init__(self, collate: Callable[[list], dict[str, Any]], slots: int = 2, pin_memory: bool = False):
@@ -51,6 +64,7 @@ class SharedBatchRing:
         self.pin_memory = pin_memory
         self._buffers: list[torch.Tensor] = []  # this worker's ring; empty in the main process
         self._next = 0
+        self._warned = False
 
     def __call__(self, items: list) -> Any:
         batch = self.collate(items)
@@ -61,13 +75,21 @@ class SharedBatchRing:
 
     def __getstate__(self) -> dict[str, Any]:
         # A worker started by spawning gets its own empty ring, never the parent's buffers.
-        return {**self.__dict__, "_buffers": [], "_next": 0}
+        return {**self.__dict__, "_buffers": [], "_next": 0, "_warned": False}
 
     def _in_free_buffer(self, batch: dict[str, Any], worker_id: int) -> Any:
         layout, needed = _layout(batch)
         slot = self._free_slot()
-        if slot is None:
-            return batch  # every buffer is still on its way to the main process
+        if slot is None:  # every buffer is still on its way to the main process
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"data-loader worker {worker_id}: its {self.slots} batch buffers all wait for the main "
+                    "process, so batches go the slower default way; give SharedBatchRing as many slots as "
+                    "the loader's prefetch_factor",
+                    stacklevel=2,
+                )
+            return batch
         if slot == len(self._buffers):
             self._buffers.append(_new_buffer(needed))
         elif self._buffers[slot].numel() < needed:
@@ -76,7 +98,7 @@ class SharedBatchRing:
         buffer[0] = 1
         for name, spec in layout:
             for tensor, place in _placed(batch[name], spec):
-                _view(buffer, place).copy_(tensor.permute(place[3]))
+                _view(buffer, place).copy_(tensor.permute(place.order))
         return _BufferedBatch(buffer, (worker_id, slot), layout, batch, self.pin_memory)
 
     def _free_slot(self) -> int | None:
@@ -91,7 +113,14 @@ class SharedBatchRing:
 class _BufferedBatch:
     """A batch written into a worker's buffer; pickled, it carries the buffer and where each tensor lies."""
 
-    def __init__(self, buffer, key, layout, batch, pin_memory):
+    def __init__(
+        self,
+        buffer: torch.Tensor,
+        key: tuple[int, int],
+        layout: list,
+        batch: dict[str, Any],
+        pin_memory: bool,
+    ):
         self.buffer, self.key, self.layout, self.pin_memory = buffer, key, layout, pin_memory
         self.others = {name: batch[name] for name, spec in layout if spec is None}
 
@@ -99,41 +128,43 @@ class _BufferedBatch:
         return _received, (self.buffer, self.key, self.layout, self.others, self.pin_memory)
 
 
-def _received(buffer, key, layout, others, pin_memory) -> dict[str, Any]:
+def _received(
+    buffer: torch.Tensor, key: tuple[int, int], layout: list, others: dict[str, Any], pin_memory: bool
+) -> dict[str, Any]:
     """In the main process: copy the batch out of the worker's buffer and give the buffer back."""
     _MAPPED[key] = buffer
 
-    def copied(place: tuple) -> torch.Tensor:
+    def copied(place: _Place) -> torch.Tensor:
         source = _view(buffer, place)
         copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin_memory).copy_(source)
-        return copy.permute(_inverse(place[3]))
+        return copy.permute(_inverse(place.order))
 
     batch = {}
-    for name, spec in layout:
-        if spec is None:
-            batch[name] = others[name]
-        else:
-            batch[name] = copied(spec) if isinstance(spec, tuple) else [copied(place) for place in spec]
-    buffer[0] = 0
+    try:
+        for name, spec in layout:
+            if spec is None:
+                batch[name] = others[name]
+            else:
+                batch[name] = copied(spec) if isinstance(spec, _Place) else [copied(place) for place in spec]
+    finally:
+        buffer[0] = 0  # even if a copy failed: the worker may use the buffer again
     return batch
 
 
 def _layout(batch: dict[str, Any]) -> tuple[list, int]:
     """Where each tensor goes in a buffer, and the bytes needed. Per value: (name, spec), the spec being a
-    tensor's place (offset, dtype, dense shape, order), a list of places for a list of tensors (the
-    official protocol's native-size masks), or None for anything else (pickled as it is). A tensor is
-    stored in the order of its dimensions in memory (`order`), so its strides come back as they were."""
+    tensor's `_Place`, a list of places for a list of tensors (the official protocol's native-size masks),
+    or None for anything else (pickled as it is)."""
     if not isinstance(batch, dict):
         raise TypeError(f"SharedBatchRing needs a collate function that returns a dict, got {type(batch)}")
     layout, offset = [], _HEADER_BYTES
 
-    def place(tensor: torch.Tensor) -> tuple:
+    def place(tensor: torch.Tensor) -> _Place:
         nonlocal offset
         order = _memory_order(tensor)
-        dense_shape = tuple(tensor.permute(order).shape)
         start = offset
         offset += -(-tensor.numel() * tensor.element_size() // _ALIGNMENT) * _ALIGNMENT
-        return (start, tensor.dtype, dense_shape, order)
+        return _Place(start, tensor.dtype, tuple(tensor.permute(order).shape), order)
 
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -145,11 +176,11 @@ def _layout(batch: dict[str, Any]) -> tuple[list, int]:
     return layout, offset
 
 
-def _placed(value: Any, spec: Any) -> list[tuple[torch.Tensor, tuple]]:
+def _placed(value: Any, spec: Any) -> list[tuple[torch.Tensor, _Place]]:
     """(tensor, place) pairs of one batch value."""
     if spec is None:
         return []
-    return [(value, spec)] if isinstance(spec, tuple) else list(zip(value, spec))
+    return [(value, spec)] if isinstance(spec, _Place) else list(zip(value, spec))
 
 
 def _memory_order(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -162,10 +193,9 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=lambda d: order[d]))
 
 
-def _view(buffer: torch.Tensor, spec: tuple) -> torch.Tensor:
-    offset, dtype, shape, _ = spec
-    nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
-    return buffer[offset : offset + nbytes].view(dtype).view(shape)
+def _view(buffer: torch.Tensor, place: _Place) -> torch.Tensor:
+    nbytes = torch.Size(place.dense_shape).numel() * place.dtype.itemsize
+    return buffer[place.offset : place.offset + nbytes].view(place.dtype).view(place.dense_shape)
 
 
 def _new_buffer(nbytes: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from clipseg_tools.batching import (
     collate_training,
 )
 from clipseg_tools.handover import SharedBatchRing
+from clipseg_tools.handover import _received as handover_received
 from clipseg_tools.tiny_clip import build_word_tokenizer
 
 
@@ -69,23 +70,26 @@ def loader(split, collate_fn, num_workers):
     )
 
 
-def test_workers_batches_equal_the_collated_ones_and_reuse_their_buffers(train_split, collate):
+def test_workers_batches_equal_the_collated_ones_and_reuse_their_buffers(train_split, collate, monkeypatch):
     handover._MAPPED.clear()
+    received = []
+    monkeypatch.setattr(handover, "_received", lambda *args: received.append(1) or handover_received(*args))
     plain = loader(train_split, collate, num_workers=0)
-    ring = SharedBatchRing(collate, slots=3)
-    through_ring = loader(train_split, ring, num_workers=2)
+    through_ring = loader(train_split, SharedBatchRing(collate), num_workers=2)  # the default: 2 slots
     mapped = []
     for epoch in range(2):
         for expected_loader in (plain, through_ring):
             expected_loader.sampler.set_epoch(epoch)
         got = list(through_ring)
-        assert len(got) == len(plain) >= 8  # more batches than the workers' 6 buffers
-        for received, expected in zip(got, plain):
-            assert_same_batch(received, expected)
+        assert len(got) == len(plain) >= 8  # more batches than the workers' 4 buffers
+        for batch, expected in zip(got, plain):
+            assert_same_batch(batch, expected)
         assert got[0]["pixel_values"].stride(1) == 1  # channels last, as collated
         mapped.append({key: buffer.data_ptr() for key, buffer in handover._MAPPED.items()})
-    # Each worker brought its 3 buffers once; the second epoch's batches came through the same mappings.
-    assert sorted(mapped[0]) == [(w, s) for w in range(2) for s in range(3)]
+    # Every batch came through a buffer (none went the default way); each worker brought its 2 buffers
+    # once, and the second epoch's batches came through the same mappings.
+    assert len(received) == 2 * len(plain)
+    assert sorted(mapped[0]) == [(w, s) for w in range(2) for s in range(2)]
     assert mapped[1] == mapped[0]
 
 
@@ -103,7 +107,8 @@ def test_a_buffer_is_not_written_before_its_batch_is_received(train_split, colla
     ring = SharedBatchRing(collate, slots=2)
     batches = [items(train_split, 2 * k) for k in range(4)]
     first, second = ring(batches[0]), ring(batches[1])
-    third = ring(batches[2])  # both buffers wait for the main process: the default hand-over
+    with pytest.warns(UserWarning, match="batch buffers all wait for the main process"):
+        third = ring(batches[2])  # both buffers wait for the main process: the default hand-over
     assert isinstance(first, handover._BufferedBatch) and isinstance(second, handover._BufferedBatch)
     assert isinstance(third, dict)
     received_first = sent_to_the_main_process(first)
