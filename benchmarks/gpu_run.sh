@@ -56,7 +56,8 @@ if [[ "${LOOP_ONLY:-0}" == 1 ]]; then
   exit 0
 fi
 # The data pipeline's CPU figures on this machine (the main process's share of a batch, each hand-over): beside
-# parts 0 and 1, which load the GPU, not the CPU; done before part 2's fed loop starts.
+# parts 0 and 1 (mostly GPU work) and the loop data's preparation (a few of the 16 cores), which it usually
+# outlasts by nothing; done before part 2's fed loop starts.
 timeout 200 python3 benchmarks/data_samples.py --num_images 200 --samples 320 --repeats 2 2>&1 | quiet \
   > "$OUT/data_samples.log" &
 samples=$!

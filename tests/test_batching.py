@@ -110,7 +110,7 @@ def test_collated_visual_prompts_point_at_their_phrases(train_split, tmp_path):
     ]
     starts = np.cumsum([0] + [len(item["phrases"]) for item in items])
     expected_index = [start + k for item, start in zip(items, starts) for k in item["visual_index"].tolist()]
-    assert batch["visual_index"].tolist() == expected_index
+    assert visuals and batch["visual_index"].tolist() == expected_index
     assert batch["visual_pixel_values"].shape == (len(visuals), 3, 64, 64)
     assert all(torch.equal(batch["visual_pixel_values"][i], v) for i, (_, v) in enumerate(visuals))
     assert torch.equal(batch["text_weight"], torch.cat([item["text_weight"] for item in items]))

@@ -88,11 +88,13 @@ def test_a_training_step_issues_no_synchronising_call(example_images):
 
 def test_batches_from_reused_buffers_arrive_pinned():
     """run_train.py's loader on a GPU: the ring's copy out of a worker's buffer is the pinned copy the loader
-    would make (the loader's own pinning then has nothing left to do)."""
+    would make (the loader's own pinning is off here, so the ring's is what is checked)."""
     from torch.utils.data import DataLoader
 
+    from clipseg_tools import handover
     from clipseg_tools.handover import SharedBatchRing
 
+    handover._MAPPED.clear()
     batches = [
         {"pixel_values": torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8).permute(0, 3, 1, 2),
          "image_index": torch.tensor([0, 1, 1])}
@@ -103,10 +105,10 @@ def test_batches_from_reused_buffers_arrive_pinned():
         batch_size=None,
         num_workers=1,
         multiprocessing_context="spawn",
-        pin_memory=True,
         collate_fn=SharedBatchRing(dict, pin_memory=True),
     )
     for received, expected in zip(loader, batches):
         for name, value in expected.items():
             assert received[name].is_pinned() and torch.equal(received[name], value), name
         assert received["pixel_values"].stride() == expected["pixel_values"].stride()
+    assert handover._MAPPED  # the batches came through the worker's buffers
