@@ -506,7 +506,7 @@ def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Ten
     Which phrases those are comes from the host (`visual_index`, its length a shape), so nothing is read
     back from the device; the tokens go without their mask, as in `prompt_inputs`."""
     embeddings = model.text_embeddings(batch["input_ids"])
-    if batch.get("visual_pixel_values") is None or not len(batch["visual_pixel_values"]):
+    if not len(batch["visual_pixel_values"]):  # no phrase of this batch has an example image
         return embeddings
     index = batch["visual_index"]
     weight = batch["text_weight"].to(embeddings.dtype).index_select(0, index)[:, None]
@@ -602,6 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images_per_batch = args.per_device_train_batch_size // args.phrases_per_image
     if len(samples) < images_per_batch * accelerator.num_processes:
         raise ValueError(f"the training split has {len(samples)} phrases, fewer than one batch")
+    on_gpu = accelerator.device.type == "cuda"
     train_loader = DataLoader(
         samples,
         batch_size=images_per_batch,
@@ -612,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(args.seed),
         num_workers=args.dataloader_num_workers,
         persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
+        pin_memory=on_gpu,
         # Workers hand batches over through buffers they reuse (`SharedBatchRing`): the main process maps
         # each once and copies batches out, into pinned memory on a GPU, with no page faults per batch.
         collate_fn=SharedBatchRing(
@@ -624,7 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pad_to_multiple_of=16 if args.compile else None,
                 pack_labels=True,
             ),
-            pin_memory=accelerator.device.type == "cuda",
+            pin_memory=on_gpu,
         ),
     )
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
