@@ -27,7 +27,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from clipseg_tools.data import canonical_split, load_splits
+from clipseg_tools.data import canonical_split, default_num_workers, load_splits
 from clipseg_tools.evaluation import EvaluationResult, evaluate
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
@@ -69,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch_size", type=int, default=8, help="images per batch (all their phrases together)"
     )
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        help="data-loader worker processes per process (default: this machine's CPUs shared among its "
+        "processes, less one each, at most 16; 0 loads in the scoring process)",
+    )
     parser.add_argument(
         "--official_threshold",
         type=float,
@@ -94,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch_size must be at least 1 and --max_images at least 0")
     if not 0 < args.official_threshold < 1:
         parser.error("--official_threshold must lie strictly between 0 and 1")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
+    elif args.num_workers < 0:
+        parser.error("--num_workers must not be negative")
     return args
 
 

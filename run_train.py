@@ -41,7 +41,7 @@ from clipseg_tools.batching import (
     collate_training,
     model_inputs,
 )
-from clipseg_tools.data import canonical_split, load_splits
+from clipseg_tools.data import canonical_split, default_num_workers, load_splits
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.handover import SharedBatchRing
 from clipseg_tools.model_card import write_model_card
@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="when preparing --data_dir, skip (and count) broken entries",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=4)
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        help="data-loader worker processes per training process (default: this machine's CPUs shared among "
+        "its training processes, less one each, at most 16; 0 loads in the training process)",
+    )
     data.add_argument(
         "--shrink_train_images",
         action="store_true",
@@ -209,6 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.demo:
         check_args(parser, args)
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = default_num_workers()
     return args
 
 
@@ -232,9 +239,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in at_least_one:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
+    if (args.dataloader_num_workers or 0) < 0:
+        parser.error("--dataloader_num_workers must not be negative")
     for flag in (
         "num_warmup_steps",
-        "dataloader_num_workers",
         "max_eval_images",
         "eval_steps",
         "checkpoints_total_limit",

@@ -89,17 +89,18 @@ def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> t
 
 def official_counts(
     probs: torch.Tensor, image_index: torch.Tensor, native_masks: Sequence[torch.Tensor], threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersection and union per phrase, the predictions resized (bilinear) to their image's original
-    size; all phrases of one image are resized together."""
-    intersections = np.zeros(len(native_masks), dtype=np.int64)
-    unions = np.zeros(len(native_masks), dtype=np.int64)
+    size; all phrases of one image are resized together. `image_index` is on the host, so grouping the
+    phrases reads nothing back; the counts stay on the device of `probs`."""
+    intersections = torch.zeros(len(native_masks), dtype=torch.long, device=probs.device)
+    unions = torch.zeros_like(intersections)
     for image in torch.unique(image_index).tolist():
-        phrases = torch.nonzero(image_index == image).flatten().tolist()
-        truth = torch.stack([native_masks[p] for p in phrases]).to(probs.device)
+        phrases = torch.nonzero(image_index == image).flatten()
+        truth = torch.stack([native_masks[p] for p in phrases.tolist()]).to(probs.device, non_blocking=True)
+        phrases = phrases.to(probs.device, non_blocking=True)
         resized = F.interpolate(probs[phrases][:, None], size=tuple(truth.shape[1:]), mode="bilinear")[:, 0]
-        inter, union = intersection_union(resized > threshold, truth)
-        intersections[phrases], unions[phrases] = inter.cpu().numpy(), union.cpu().numpy()
+        intersections[phrases], unions[phrases] = intersection_union(resized > threshold, truth)
     return intersections, unions
 
 
@@ -169,15 +170,18 @@ def _score_batches(
             probs = torch.sigmoid(logits)
             image_index = batch["image_index"]
             parts["ids"].append(index.phrase_ids(batch["rows"], image_index))
-            parts["counts"].append(confusion_counts(probs, batch["labels"].to(device)).cpu())
-            inter, union = official_counts(
-                probs, image_index.to(device), batch["native_masks"], official_threshold
-            )
+            # The counts stay on the device until the end: no wait for it per batch.
+            parts["counts"].append(confusion_counts(probs, batch["labels"].to(device, non_blocking=True)))
+            inter, union = official_counts(probs, image_index, batch["native_masks"], official_threshold)
             parts["inter"].append(inter)
             parts["union"].append(union)
             parts["rows"].append(np.asarray(batch["rows"])[image_index.numpy()])
             for key in ("task_ids", "phrases", "subsets"):
                 parts[key].extend(batch[key])
+    for key in ("counts", "inter", "union"):  # one read each from the device
+        if parts[key]:
+            whole = torch.cat(parts[key]).cpu()
+            parts[key] = [whole if key == "counts" else whole.numpy()]
     return parts
 
 

@@ -180,3 +180,22 @@ def test_command_line_errors_exit_non_zero(tmp_path):
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "--data_dir" in result.stderr
+
+
+def test_official_counts_resize_each_phrase_to_its_own_image_and_keep_its_place():
+    from torch.nn import functional as F
+
+    from clipseg_tools.evaluation import official_counts
+
+    generator = torch.Generator().manual_seed(0)
+    image_index = torch.tensor([1, 0, 2, 1, 0, 1])  # an image's phrases are not side by side
+    sizes = {0: (37, 50), 1: (64, 23), 2: (16, 16)}
+    probs = torch.rand(6, 32, 32, generator=generator)
+    masks = [torch.rand(sizes[i], generator=generator) > 0.5 for i in image_index.tolist()]
+    inter, union = official_counts(probs, image_index, masks, threshold=0.3)
+    for phrase, image in enumerate(image_index.tolist()):
+        alone = (
+            F.interpolate(probs[phrase][None, None], size=sizes[image], mode="bilinear")[0, 0].numpy() > 0.3
+        )
+        truth = masks[phrase].numpy()
+        assert (int(inter[phrase]), int(union[phrase])) == ((alone & truth).sum(), (alone | truth).sum())

@@ -249,6 +249,48 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     assert "--data_dir" in result.stderr and "nowhere" in result.stderr
 
 
+def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, tiny_clip_dir, monkeypatch):
+    import run_eval
+    import run_train
+    from clipseg_tools import data
+
+    def machine(cpus, processes):
+        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        return data.default_num_workers()
+
+    assert machine(16, 1) == 15  # one CPU left for the training process's own thread
+    assert machine(16, 4) == 3
+    assert machine(4, 4) == 0  # one CPU each: data loads in the training process
+    assert machine(128, 1) == data.MAX_DEFAULT_WORKERS
+    machine(8, 2)
+    given = train_args(tmp_path, tiny_clip_dir, tmp_path / "out")
+    at = given.index("--dataloader_num_workers")
+    del given[at : at + 2]
+    assert run_train.parse_args(given).dataloader_num_workers == 3
+    assert run_train.parse_args([*given, "--dataloader_num_workers", "0"]).dataloader_num_workers == 0
+    assert run_eval.parse_args(["--model", "m", "--data_dir", str(tmp_path)]).num_workers == 3
+
+
+@pytest.mark.parametrize(
+    "script, flag", [("run_train", "--dataloader_num_workers"), ("run_eval", "--num_workers")]
+)
+def test_negative_worker_counts_are_refused_by_name(tmp_path, tiny_clip_dir, capsys, script, flag):
+    import run_eval
+    import run_train
+
+    if script == "run_train":
+        argv = train_args(tmp_path, tiny_clip_dir, tmp_path / "out", flag, "-1")
+        parse = run_train.parse_args
+    else:
+        argv = ["--model", "m", "--data_dir", str(tmp_path), flag, "-1"]
+        parse = run_eval.parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2
+    assert f"{flag} must not be negative" in capsys.readouterr().err
+
+
 def tiny_training(tiny_clip_dir, **accelerator_options):
     """A tiny model, its fused optimizer and a fresh log window, prepared by Accelerate on the CPU."""
 
