@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+from transformers import AutoConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 # CLIP ViT-B/16 vision tower, the backbone of every CIDAS checkpoint (transformers' default is patch 32).
 VIT_B16_VISION = {"patch_size": 16}
@@ -203,3 +203,8 @@ __all__ = ["ClipSegCustomConfig", "refined_head_strides"]
 
 if "sub_configs_defaults" not in vars(PretrainedConfig):  # older transformers 5 read nested configs from here
     ClipSegCustomConfig.sub_configs = SUB_CONFIGS
+
+# Known to AutoConfig in every process that imports this file (the project's scripts, and `AutoModel` with
+# `trust_remote_code`): loading a saved folder's processor or tokenizer, which reads its config.json, then
+# asks no trust_remote_code question.
+AutoConfig.register(ClipSegCustomConfig.model_type, ClipSegCustomConfig, exist_ok=True)

@@ -199,3 +199,11 @@ def test_official_counts_resize_each_phrase_to_its_own_image_and_keep_its_place(
         )
         truth = masks[phrase].numpy()
         assert (int(inter[phrase]), int(union[phrase])) == ((alone & truth).sum(), (alone | truth).sum())
+
+
+def test_loading_a_saved_model_asks_no_question(saved_models, monkeypatch):
+    questions = []  # transformers' trust_remote_code question: it waits 15 s for an answer in a terminal
+    monkeypatch.setattr("builtins.input", lambda prompt="": questions.append(prompt))
+    model, processor = run_eval.load_model(str(saved_models / "ours"), torch.device("cpu"))
+    assert not questions
+    assert type(processor).__name__ == "CLIPSegProcessor" and type(model).__name__ == "ClipSegCustomModel"

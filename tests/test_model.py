@@ -374,9 +374,14 @@ def test_save_and_reload_in_a_fresh_offline_process(tmp_path, processor):
 
     script = textwrap.dedent(
         f"""
+        import builtins
         import torch
         from PIL import Image
         from transformers import AutoModel, AutoModelForImageSegmentation, AutoProcessor
+        def asked(prompt=""):  # transformers' trust_remote_code question; no one is there to answer
+            print("ASKED", prompt)
+            raise EOFError
+        builtins.input = asked
         model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert not any(p.requires_grad for p in model.clip.parameters())
@@ -396,6 +401,8 @@ def test_save_and_reload_in_a_fresh_offline_process(tmp_path, processor):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reloaded CLIPSegProcessor ClipSegCustomModel" in result.stdout
+    # The processor came from the folder without a question or a wrong-model-type warning.
+    assert "ASKED" not in result.stdout and "to instantiate a model of type" not in result.stderr
 
 
 def test_bfloat16_backbone_gives_the_float32_logits_within_bf16_rounding(pixels):
