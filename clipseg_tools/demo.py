@@ -157,7 +157,7 @@ def pretrain_contrastive(clip: Any, tokenizer: Any) -> float:
         optimizer.step()
         schedule.step()
     clip.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def save_sample_predictions(
