@@ -476,7 +476,7 @@ class ClipSegCustomModel(PreTrainedModel):
             raise OSError(
                 f"Could not load the CLIP checkpoint {clip_name_or_path!r} ({error.__class__.__name__}); "
                 "without network access, pass the path of a local copy (a folder with config.json and "
-                "model.safetensors, e.g. made by `huggingface-cli download`)."
+                "model.safetensors, e.g. made by `hf download`)."
             ) from error
         from_clip = dict(
             text_config=clip.config.text_config.to_dict(),

@@ -31,6 +31,7 @@ from clipseg_tools.data import canonical_split, default_num_workers, load_splits
 from clipseg_tools.evaluation import EvaluationResult, evaluate
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
+from clipseg_tools.sources import model_source_problem
 
 # Table 3 of the CLIPSeg paper (PhraseCut test, threshold 0.3): reference rows for the comparison.
 PAPER_ROWS = {
@@ -99,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch_size must be at least 1 and --max_images at least 0")
     if not 0 < args.official_threshold < 1:
         parser.error("--official_threshold must lie strictly between 0 and 1")
+    for spec in [args.model, *args.compare]:  # all of them before scoring any
+        problem = model_source_problem(spec.removeprefix(STOCK_PREFIX))
+        if problem:
+            parser.error(f"--model/--compare {spec}: {problem}")
     if args.num_workers is None:
         args.num_workers = default_num_workers()
     elif args.num_workers < 0:

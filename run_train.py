@@ -46,6 +46,7 @@ from clipseg_tools.evaluation import evaluate
 from clipseg_tools.handover import SharedBatchRing
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
+from clipseg_tools.sources import model_source_problem
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
 from phrasecut_dataset import shrink_images
 
@@ -227,6 +228,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
+    problem = model_source_problem(getattr(args, flag))
+    if problem:
+        parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
     at_least_one = (
         "max_train_steps",
         "per_device_train_batch_size",
@@ -273,6 +278,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id namespace/name")
+    if args.push_to_hub:  # found now, not after hours of training
+        problem = hub_access_problem(args.hub_token)
+        if problem:
+            parser.error(f"--push_to_hub: {problem}")
     if args.model_name_or_path:
         changed = [f for f in ARCHITECTURE_FLAGS if getattr(args, f) != parser.get_default(f)]
         if changed:
@@ -907,19 +916,41 @@ def files_to_push(output_dir: Path) -> list[Path]:
     )
 
 
+def hub_access_problem(token: str | None) -> str | None:
+    """Why a push would fail, in a few words (offline mode, no network, no valid token); None when it would not."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so the Hub cannot be reached"
+    try:
+        HfApi(token=token).whoami()
+    except Exception as error:  # no network, no token, a revoked token: each its own exception type
+        return (
+            f"the Hub refused or could not be reached ({error.__class__.__name__}: {error}); log in with "
+            "`hf auth login` or pass --hub_token"
+        )
+    return None
+
+
 def push_output(args: argparse.Namespace, output_dir: Path) -> None:
-    """Upload exactly the saved model folder, in one commit; checkpoints and logs stay local."""
+    """Upload exactly the saved model folder, in one commit; checkpoints and tracker logs stay local."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
     operations = [
         CommitOperationAdd(path_in_repo=path.relative_to(output_dir).as_posix(), path_or_fileobj=str(path))
         for path in files_to_push(output_dir)
     ]
-    api.create_commit(
-        repo_id=repo_id, operations=operations, commit_message="Upload model trained with clipseg-finetune"
-    )
+    try:
+        repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
+        api.create_commit(
+            repo_id=repo_id, operations=operations, commit_message="Upload model trained with clipseg-finetune"
+        )
+    except Exception as error:  # the network or the Hub failed after training: say what is safe and how to retry
+        raise OSError(
+            f"--push_to_hub {args.hub_model_id} failed ({error.__class__.__name__}: {error}). The model is saved in "
+            f"{output_dir}; push it later with `hf upload {args.hub_model_id} {output_dir} --exclude 'checkpoints/*'`"
+        ) from error
     print(f"Pushed {len(operations)} files from {output_dir} to https://huggingface.co/{repo_id}")
 
 

@@ -98,20 +98,27 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, synthetic_data, saved_m
     assert one_models == two_models
 
 
-def test_a_folder_that_is_not_a_model_is_named(tmp_path, synthetic_data):
+@pytest.mark.parametrize(
+    "folder, message",
+    [
+        ("notes", "is not a model folder (no config.json)"),
+        ("run/checkpoints/step_5", "is a training checkpoint"),
+        ("missing", "no such folder"),
+    ],
+)
+def test_a_folder_that_is_not_a_model_is_named_before_any_scoring(
+    tmp_path, synthetic_data, saved_models, capsys, folder, message
+):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "hello.txt").write_text("not a model")
-    with pytest.raises(run_eval.EvaluationError, match="is not a loadable model"):
-        run_eval.main(
-            [
-                "--model",
-                str(tmp_path / "notes"),
-                "--data_dir",
-                str(synthetic_data),
-                "--cache_dir",
-                str(tmp_path / "c"),
-            ]
-        )
+    (tmp_path / "run" / "checkpoints" / "step_5").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_5" / "trainer_state.json").write_text("{}")
+    argv = ["--model", str(saved_models / "ours"), "--compare", str(tmp_path / folder)]
+    with pytest.raises(SystemExit) as stop:
+        run_eval.main([*argv, "--data_dir", str(synthetic_data), "--output_dir", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert f"--model/--compare {tmp_path / folder}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the first model was not scored
 
 
 def test_a_split_that_was_not_prepared_is_named(tmp_path, saved_models):

@@ -218,6 +218,54 @@ def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_
     assert card.data.eval_results and card.data.pipeline_tag == "image-segmentation"
 
 
+def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_data, tiny_clip_dir, capsys):
+    from huggingface_hub import HfApi, constants
+
+    import run_train
+
+    argv = train_args(
+        synthetic_data, tiny_clip_dir, tmp_path / "out", "--push_to_hub", "--hub_model_id", "a/b"
+    )
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), pytest.raises(SystemExit) as stop:
+        run_train.parse_args(argv)
+    assert stop.value.code == 2
+    assert "--push_to_hub: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+    def refused(self):
+        raise OSError("401 Unauthorized")
+
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", False), mock.patch.object(HfApi, "whoami", refused):
+        assert "(OSError: 401 Unauthorized); log in with `hf auth login`" in run_train.hub_access_problem(
+            "bad"
+        )
+    with (
+        mock.patch.object(constants, "HF_HUB_OFFLINE", False),
+        mock.patch.object(HfApi, "whoami", lambda self: {}),
+    ):
+        assert run_train.hub_access_problem("good") is None
+        assert run_train.parse_args(argv).push_to_hub
+
+
+def test_a_failed_push_says_where_the_model_is_and_how_to_push_it(tmp_path):
+    from huggingface_hub import HfApi
+
+    import run_train
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    args = mock.Mock(hub_token=None, hub_model_id="someone/model", hub_private_repo=False)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    with mock.patch.object(HfApi, "create_repo", unreachable), pytest.raises(OSError) as failed:
+        run_train.push_output(args, tmp_path / "out")
+    assert "--push_to_hub someone/model failed (ConnectionError: Name or service not known)" in str(
+        failed.value
+    )
+    assert f"saved in {tmp_path / 'out'}; push it later with `hf upload someone/model" in str(failed.value)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -249,6 +297,28 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     assert "--data_dir" in result.stderr and "nowhere" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flag, folder, message",
+    [
+        ("--model_name_or_path", "missing", "no such folder"),
+        ("--model_name_or_path", "out/checkpoints/step_5", "is a training checkpoint"),
+        ("--clip_model_name_or_path", "out", "is not a model folder (no config.json)"),
+    ],
+)
+def test_a_model_that_cannot_load_is_named_before_any_work(
+    tmp_path, synthetic_data, tiny_clip_dir, capsys, flag, folder, message
+):
+    import run_train
+
+    (tmp_path / "out" / "checkpoints" / "step_5").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "step_5" / "trainer_state.json").write_text("{}")
+    argv = train_args(synthetic_data, tiny_clip_dir, tmp_path / "run", flag, str(tmp_path / folder))
+    with pytest.raises(SystemExit) as stop:
+        run_train.parse_args(argv)
+    assert stop.value.code == 2
+    assert f"{flag} {tmp_path / folder}: {message}" in capsys.readouterr().err
+
+
 def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, tiny_clip_dir, monkeypatch):
     import run_eval
     import run_train
@@ -269,7 +339,7 @@ def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, 
     del given[at : at + 2]
     assert run_train.parse_args(given).dataloader_num_workers == 3
     assert run_train.parse_args([*given, "--dataloader_num_workers", "0"]).dataloader_num_workers == 0
-    assert run_eval.parse_args(["--model", "m", "--data_dir", str(tmp_path)]).num_workers == 3
+    assert run_eval.parse_args(["--model", str(tiny_clip_dir), "--data_dir", str(tmp_path)]).num_workers == 3
 
 
 @pytest.mark.parametrize(
@@ -283,7 +353,7 @@ def test_negative_worker_counts_are_refused_by_name(tmp_path, tiny_clip_dir, cap
         argv = train_args(tmp_path, tiny_clip_dir, tmp_path / "out", flag, "-1")
         parse = run_train.parse_args
     else:
-        argv = ["--model", "m", "--data_dir", str(tmp_path), flag, "-1"]
+        argv = ["--model", str(tiny_clip_dir), "--data_dir", str(tmp_path), flag, "-1"]
         parse = run_eval.parse_args
     with pytest.raises(SystemExit) as stop:
         parse(argv)
