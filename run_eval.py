@@ -27,6 +27,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
+from clipseg_tools.cli import ArgumentParser
 from clipseg_tools.data import canonical_split, default_num_workers, load_splits
 from clipseg_tools.evaluation import EvaluationResult, evaluate
 from clipseg_tools.gallery import write_gallery
@@ -57,15 +58,15 @@ class EvaluationError(Exception):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="folder or Hub id of the model to score")
     parser.add_argument("--compare", nargs="*", default=[], help="more models scored on the same samples")
     parser.add_argument("--data_dir", help="raw PhraseCut folder (prepared with the project's builder)")
     parser.add_argument(
         "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
     )
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--cache_dir")
+    parser.add_argument("--split", default="test", help="the split scored")
+    parser.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
     parser.add_argument("--max_images", type=int, default=0, help="score the first N images only (0: all)")
     parser.add_argument(
         "--batch_size", type=int, default=8, help="images per batch (all their phrases together)"
@@ -85,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bf16", action="store_true", help="evaluate under bf16 autocast (the paper used float32)"
     )
-    parser.add_argument("--output_dir", default="eval_results")
+    parser.add_argument(
+        "--output_dir", default="eval_results", help="where results.md, results.json and the gallery go"
+    )
     parser.add_argument(
         "--gallery_max", type=int, default=100, help="failure pictures per model (0: no gallery)"
     )
@@ -248,7 +251,7 @@ def write_report(
         lines += [
             f"### {name}: official protocol per subset",
             "",
-            markdown_table(s["official_protocol"], OFFICIAL_COLUMNS),
+            markdown_table(s["official_protocol"], OFFICIAL_COLUMNS, row_label="subset"),
             "",
         ]
     markdown = "\n".join(lines)
@@ -306,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if accelerator.is_main_process:
         markdown = write_report(output_dir, args, summaries, num_images)
         print(markdown)
-        print(f"\nWritten: {output_dir / 'results.md'}, {output_dir / 'results.json'}")
+        gallery = f", {output_dir / 'gallery'}/ (failure pictures)" if args.gallery_max else ""
+        print(f"\nWritten: {output_dir / 'results.md'}, {output_dir / 'results.json'}{gallery}")
     return summaries
 
 

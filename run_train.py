@@ -41,6 +41,7 @@ from clipseg_tools.batching import (
     collate_training,
     model_inputs,
 )
+from clipseg_tools.cli import ArgumentParser
 from clipseg_tools.data import canonical_split, default_num_workers, load_splits
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.handover import SharedBatchRing
@@ -72,7 +73,7 @@ ARCHITECTURE_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data_dir", help="raw PhraseCut folder (refer_*.json, image_data_split.json, images/)"
@@ -80,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
     )
-    data.add_argument("--train_split", default="train")
-    data.add_argument("--validation_split", default="validation")
+    data.add_argument("--train_split", default="train", help="the split trained on")
+    data.add_argument(
+        "--validation_split", default="validation", help="the split evaluated on (during and after training)"
+    )
     data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
     data.add_argument(
         "--skip_bad_samples",
@@ -109,15 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="openai/clip-vit-base-patch16",
         help="start a new decoder on this CLIP (used when --model_name_or_path is not given)",
     )
-    model.add_argument("--image_size", type=int, default=352)
-    model.add_argument("--reduce_dim", type=int, default=64)
-    model.add_argument("--extract_layers", type=int, nargs="+", default=[3, 6, 9])
-    model.add_argument("--decoder_intermediate_size", type=int, default=2048)
-    model.add_argument("--decoder_num_attention_heads", type=int, default=4)
+    model.add_argument("--image_size", type=int, default=352, help="input size of a new model (pixels)")
+    model.add_argument("--reduce_dim", type=int, default=64, help="width of a new decoder (rd64, rd16)")
+    model.add_argument(
+        "--extract_layers",
+        type=int,
+        nargs="+",
+        default=[3, 6, 9],
+        help="CLIP vision layers the decoder reads",
+    )
+    model.add_argument("--decoder_intermediate_size", type=int, default=2048, help="decoder MLP width")
+    model.add_argument("--decoder_num_attention_heads", type=int, default=4, help="decoder attention heads")
     model.add_argument(
         "--plain_head", action="store_true", help="one transposed convolution, not the refined head"
     )
-    model.add_argument("--decoder_dropout", type=float, default=0.1)
+    model.add_argument("--decoder_dropout", type=float, default=0.1, help="dropout in the decoder blocks")
     model.add_argument(
         "--backbone_dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -150,14 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--phrases_per_image", type=int, default=1, help="phrases drawn per image (one vision pass)"
     )
-    recipe.add_argument("--max_train_steps", type=int, default=20_000)
-    recipe.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    recipe.add_argument("--learning_rate", type=float, default=1e-3)
+    recipe.add_argument("--max_train_steps", type=int, default=20_000, help="optimizer steps")
+    recipe.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step"
+    )
+    recipe.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
     recipe.add_argument(
         "--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends"
     )
-    recipe.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine")
-    recipe.add_argument("--num_warmup_steps", type=int, default=0)
+    recipe.add_argument(
+        "--lr_scheduler_type",
+        choices=["cosine", "linear", "constant"],
+        default="cosine",
+        help="schedule after warm-up",
+    )
+    recipe.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
     recipe.add_argument(
         "--weight_decay", type=float, default=0.01, help="AdamW weight decay (the original's 0.01)"
     )
@@ -165,28 +181,46 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--adam_beta2", type=float, default=0.999)
     recipe.add_argument("--adam_epsilon", type=float, default=1e-8)
     recipe.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (off by default)")
-    recipe.add_argument("--negative_prob", type=float, default=0.2)
-    recipe.add_argument("--prompt_template", choices=sorted(TEMPLATES), default="shuffle+")
+    recipe.add_argument(
+        "--negative_prob",
+        type=float,
+        default=0.2,
+        help="chance a phrase is swapped for one absent from the image (empty mask)",
+    )
+    recipe.add_argument(
+        "--prompt_template",
+        choices=sorted(TEMPLATES),
+        default="shuffle+",
+        help="the original's prompt templates",
+    )
     recipe.add_argument(
         "--no_random_crop", action="store_true", help="squash whole images instead of square crops"
     )
     recipe.add_argument(
         "--mix_visual_prompts", action="store_true", help="PC+: mix text with example-image prompts"
     )
-    recipe.add_argument("--mix_text_min", type=float, default=0.0)
-    recipe.add_argument("--mix_text_max", type=float, default=0.5)
+    recipe.add_argument(
+        "--mix_text_min", type=float, default=0.0, help="PC+: least weight of the text embedding"
+    )
+    recipe.add_argument(
+        "--mix_text_max", type=float, default=0.5, help="PC+: most weight of the text embedding"
+    )
     recipe.add_argument(
         "--max_nonfinite_losses",
         type=int,
         default=10,
         help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log)",
     )
-    recipe.add_argument("--seed", type=int, default=42)
+    recipe.add_argument(
+        "--seed", type=int, default=42, help="seeds the model, the data order and the augmentation"
+    )
 
     run = parser.add_argument_group("checkpoints, evaluation, logging, sharing")
-    run.add_argument("--output_dir", required=True)
-    run.add_argument("--overwrite_output_dir", action="store_true")
-    run.add_argument("--checkpointing_steps", type=int, default=1000)
+    run.add_argument("--output_dir", required=True, help="where the model, its card, checkpoints and logs go")
+    run.add_argument(
+        "--overwrite_output_dir", action="store_true", help="start afresh in an --output_dir that holds a run"
+    )
+    run.add_argument("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
     run.add_argument("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
     run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
     run.add_argument(
@@ -194,15 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max_eval_images", type=int, default=500, help="validation images used (0: all)")
     run.add_argument("--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch")
-    run.add_argument("--logging_steps", type=int, default=10)
-    run.add_argument("--with_tracking", action="store_true")
+    run.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
+    run.add_argument("--with_tracking", action="store_true", help="log to the trackers of --report_to")
     run.add_argument(
         "--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard"
     )
-    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--push_to_hub", action="store_true", help="upload the saved model folder at the end")
     run.add_argument("--hub_model_id", help="namespace/name of the model repository")
-    run.add_argument("--hub_token")
-    run.add_argument("--hub_private_repo", action="store_true")
+    run.add_argument("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
+    run.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
     run.add_argument(
         "--demo", action="store_true", help="offline end-to-end demo on synthetic data (see README)"
     )
@@ -213,11 +247,40 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.demo:
+    if args.demo:
+        check_demo_args(parser, args)
+    else:
         check_args(parser, args)
     if args.dataloader_num_workers is None:
         args.dataloader_num_workers = default_num_workers()
     return args
+
+
+def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--demo brings its own data, CLIP and recipe: a flag it would silently override is refused."""
+    from clipseg_tools.demo import DEMO_RECIPE
+
+    overridden = (
+        *DEMO_RECIPE,
+        "data_dir",
+        "dataset_name",
+        "cache_dir",
+        "model_name_or_path",
+        "clip_model_name_or_path",
+    )
+    given = [f"--{key}" for key in overridden if getattr(args, key) != parser.get_default(key)]
+    if given:
+        parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
+    check_output_dir(parser, args)
+
+
+def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    out = Path(args.output_dir)
+    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        parser.error(
+            f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to start over"
+        )
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -228,10 +291,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
-    flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
-    problem = model_source_problem(getattr(args, flag))
-    if problem:
-        parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
     at_least_one = (
         "max_train_steps",
         "per_device_train_batch_size",
@@ -278,10 +337,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id namespace/name")
-    if args.push_to_hub:  # found now, not after hours of training
-        problem = hub_access_problem(args.hub_token)
-        if problem:
-            parser.error(f"--push_to_hub: {problem}")
     if args.model_name_or_path:
         changed = [f for f in ARCHITECTURE_FLAGS if getattr(args, f) != parser.get_default(f)]
         if changed:
@@ -295,12 +350,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
                 f"{STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
             )
-    out = Path(args.output_dir)
-    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        parser.error(
-            f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
-            "or --overwrite_output_dir to start over"
-        )
+    check_output_dir(parser, args)
+    # Last, as these ask the Hub.
+    flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
+    problem = model_source_problem(getattr(args, flag))
+    if problem:
+        parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
+    if args.push_to_hub:  # found now, not after hours of training
+        problem = hub_access_problem(args.hub_token)
+        if problem:
+            parser.error(f"--push_to_hub: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,6 +511,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, kee
         for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    logger.info(f"Saved checkpoint {final}")
     return final
 
 
@@ -575,6 +635,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         project_dir=str(output_dir),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Its five lines per checkpoint name the temporary folder the checkpoint is renamed from; one line says where
+    # each checkpoint is (`save_checkpoint`).
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_error()
@@ -944,9 +1007,13 @@ def push_output(args: argparse.Namespace, output_dir: Path) -> None:
     try:
         repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
         api.create_commit(
-            repo_id=repo_id, operations=operations, commit_message="Upload model trained with clipseg-finetune"
+            repo_id=repo_id,
+            operations=operations,
+            commit_message="Upload model trained with clipseg-finetune",
         )
-    except Exception as error:  # the network or the Hub failed after training: say what is safe and how to retry
+    except (
+        Exception
+    ) as error:  # the network or the Hub failed after training: say what is safe and how to retry
         raise OSError(
             f"--push_to_hub {args.hub_model_id} failed ({error.__class__.__name__}: {error}). The model is saved in "
             f"{output_dir}; push it later with `hf upload {args.hub_model_id} {output_dir} --exclude 'checkpoints/*'`"

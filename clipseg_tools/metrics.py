@@ -505,12 +505,15 @@ def _check_intersections_unions(intersections: np.ndarray, unions: np.ndarray) -
 
 
 def markdown_table(
-    results: Mapping[str, Mapping[str, object]], columns: Sequence[str] | None = None, digits: int = 4
+    results: Mapping[str, Mapping[str, object]],
+    columns: Sequence[str] | None = None,
+    digits: int = 4,
+    row_label: str = "model",
 ) -> str:
-    """A Markdown table with one row per model: `{model_name: {metric: value}}`.
+    """A Markdown table with one row per model (or per `row_label`, e.g. subset): `{name: {metric: value}}`.
 
     `columns` defaults to every scalar metric, in order of first appearance. Floats are rounded to
-    `digits` places; a metric a model lacks is left blank.
+    `digits` places; a metric a row lacks is left blank.
     """
     if columns is None:
         columns = list(
@@ -519,7 +522,7 @@ def markdown_table(
             )
         )
     lines = [
-        "| model | " + " | ".join(columns) + " |",
+        f"| {row_label} | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for model, scores in results.items():

@@ -24,7 +24,9 @@ def model_source_problem(source: str) -> str | None:
                 "is a training checkpoint (training state without config.json): give the run's output folder, "
                 "or continue the run with --resume_from_checkpoint"
             )
-        return "is not a model folder (no config.json): give a folder written by run_train.py or save_pretrained"
+        return (
+            "is not a model folder (no config.json): give a folder written by run_train.py or save_pretrained"
+        )
     from transformers.utils import cached_file
 
     try:

@@ -537,8 +537,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
-    total = sum((args.num_train, args.num_val, args.num_test, args.num_miniv))
-    print(f"wrote a synthetic PhraseCut with {total} images to {path}")
+    with_phrases = sum((args.num_train, args.num_val, args.num_test, args.num_miniv))
+    without = len(list((path / "images").glob("*.jpg"))) - with_phrases
+    print(
+        f"wrote a synthetic PhraseCut with {with_phrases} images with phrases and {without} train images without "
+        f"any (as in the real data) to {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def test_ours_and_its_stock_export_score_identically_in_one_compare_run(
     markdown = (out / "results.md").read_text()
     for label in labels + ["paper: CLIPSeg (PC+), D=64"]:
         assert label in markdown
+    assert markdown.count("| subset | count |") == len(labels)  # the per-subset tables name their rows
     payload = json.loads((out / "results.json").read_text())
     assert set(payload["models"]) == set(labels)
     assert payload["models"][labels[0]]["official_protocol"]["all"]["count"] == reference["num_phrases"]

@@ -151,7 +151,9 @@ def test_command_line_and_its_errors(tmp_path, capsys):
     out = tmp_path / "cli"
     args = f"--output_dir {out} --num_train 2 --num_val 1 --num_test 1 --num_miniv 0".split()
     synthetic_main([*args, "--seed", "5", "--min_size", "64", "--max_size", "80"])
-    assert "wrote a synthetic PhraseCut with 4 images" in capsys.readouterr().out
+    # 2 train images give one more without phrases: the message counts every image written
+    assert "with 4 images with phrases and 1 train images without any" in capsys.readouterr().out
+    assert len(list((out / "images").glob("*.jpg"))) == 5
     assert len(load(out / "refer_miniv.json")) == 0
     with pytest.raises(SystemExit):
         synthetic_main(args)  # the folder exists and is not empty

@@ -289,6 +289,42 @@ def test_bad_arguments_end_with_a_clear_message(tmp_path, synthetic_data, tiny_c
     )
     assert result.returncode != 0
     assert message in result.stderr
+    assert "usage:" not in result.stderr  # the sentence, not buried under fifty options
+
+
+def test_help_shows_the_defaults():
+    import run_eval
+    import run_train
+
+    text = " ".join(run_train.build_parser().format_help().split())
+    for shown in ("--image_size IMAGE_SIZE input size of a new model (pixels) (default: 352)",
+                  "--num_warmup_steps NUM_WARMUP_STEPS linear warm-up steps (default: 0)",
+                  "--adam_beta1 ADAM_BETA1 (default: 0.9)"):  # fmt: skip
+        assert shown in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    with mock.patch("sys.argv", ["run_eval.py", "--help"]), pytest.raises(SystemExit):
+        run_eval.parse_args()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max_train_steps", "5", "--image_size", "64"], "drop --image_size, --max_train_steps"),
+        (["--data_dir", "{tmp}"], "drop --data_dir"),
+        (["--output_dir", "{tmp}/run"], "--output_dir {tmp}/run holds a run"),
+    ],
+)
+def test_the_demo_refuses_flags_it_would_override_and_a_folder_holding_a_run(
+    tmp_path, capsys, extra, message
+):
+    import run_train
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    with pytest.raises(SystemExit) as stop:
+        run_train.parse_args(["--demo", "--output_dir", str(tmp_path / "demo"), *extra])
+    assert stop.value.code == 2
+    assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
 
 
 def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
