@@ -954,10 +954,11 @@ def save_final_model(args, accelerator, model, processor, metrics, results, log_
         model_name=args.hub_model_id or output_dir.name,
         base_model=model_source(args),
         dataset_name=dataset_name,
-        eval_split=f"{args.validation_split} ({metrics['images']} images, {metrics['samples']} phrases)",
+        eval_split=args.validation_split,
         metrics=metrics,
         training_config=training_config(args, accelerator),
         notes=getattr(args, "card_notes", ""),
+        eval_scope=f"{metrics['images']} images, {metrics['samples']} phrases",
     )
     for item in staging.iterdir():
         target = output_dir / item.name

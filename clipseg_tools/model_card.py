@@ -55,8 +55,11 @@ def write_model_card(
     metrics: dict[str, float],
     training_config: dict[str, Any],
     notes: str = "",
+    eval_scope: str = "",
 ) -> Path:
-    """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution."""
+    """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution.
+
+    `eval_split` is the split's name (the metadata's); `eval_scope` says in the text how much of it was scored."""
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
@@ -71,6 +74,9 @@ def write_model_card(
     )
     results = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation was run."
     config_json = json.dumps(training_config, indent=2, sort_keys=True, default=str)
+    scope = (
+        f", {eval_scope}" if eval_scope else ""
+    )  # e.g. "500 images, 1,234 phrases": text only, not metadata
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -90,12 +96,12 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 model = AutoModel.from_pretrained("{model_name}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{model_name}")
+processor = AutoProcessor.from_pretrained("{model_name}", trust_remote_code=True)
 maps = model.predict(Image.open("photo.jpg"), ["a red car", "the sky"], processor=processor)
 # maps[0]: [2, height, width] probabilities at the photo's size
 ```
 
-## Evaluation ({dataset_name}, split `{eval_split}`, CLIPSeg paper protocol)
+## Evaluation ({dataset_name}, split `{eval_split}`{scope}, CLIPSeg paper protocol)
 
 {results}
 

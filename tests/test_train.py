@@ -80,14 +80,18 @@ def test_short_training_learns_and_its_outputs_reload_offline(tmp_path, syntheti
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers"
     assert any(r.metric_type == "fgiou_0_3" for r in card.data.eval_results)
+    assert {r.dataset_split for r in card.data.eval_results} == {"validation"}  # the split's name alone
     assert "CVPR 2022" in card.text and "PhraseCut" in card.text
 
     script = textwrap.dedent(
         f"""
+        import builtins
         from PIL import Image
         from transformers import AutoModel, AutoProcessor
+        builtins.input = lambda prompt="": print("ASKED", prompt)  # transformers' trust_remote_code question
+        # With the flag (as the card has it) the processor may come first: no question either way
+        processor = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
         model = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True)
-        processor = AutoProcessor.from_pretrained({str(out)!r})
         maps = model.predict(Image.new("RGB", (50, 40), "red"), ["red circle", "blue square"], processor=processor)
         print("ok", tuple(maps[0].shape), model.config.image_size)
         """
@@ -97,7 +101,7 @@ def test_short_training_learns_and_its_outputs_reload_offline(tmp_path, syntheti
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300
     )
     assert reload.returncode == 0, reload.stderr[-3000:]
-    assert "ok (2, 40, 50) 64" in reload.stdout
+    assert "ok (2, 40, 50) 64" in reload.stdout and "ASKED" not in reload.stdout
 
 
 def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, synthetic_data, tiny_clip_dir):
