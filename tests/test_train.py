@@ -346,13 +346,20 @@ def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     ],
 )
 def test_a_model_that_cannot_load_is_named_before_any_work(
-    tmp_path, synthetic_data, tiny_clip_dir, capsys, flag, folder, message
+    tmp_path, synthetic_data, capsys, flag, folder, message
 ):
     import run_train
 
     (tmp_path / "out" / "checkpoints" / "step_5").mkdir(parents=True)
     (tmp_path / "out" / "checkpoints" / "step_5" / "trainer_state.json").write_text("{}")
-    argv = train_args(synthetic_data, tiny_clip_dir, tmp_path / "run", flag, str(tmp_path / folder))
+    argv = [
+        "--data_dir",
+        str(synthetic_data),
+        "--output_dir",
+        str(tmp_path / "run"),
+        flag,
+        str(tmp_path / folder),
+    ]
     with pytest.raises(SystemExit) as stop:
         run_train.parse_args(argv)
     assert stop.value.code == 2
