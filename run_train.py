@@ -271,16 +271,35 @@ def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     given = [f"--{key}" for key in overridden if getattr(args, key) != parser.get_default(key)]
     if given:
         parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
-    check_output_dir(parser, args)
+    check_run_args(parser, args)
+    check_push(parser, args)
 
 
-def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What a demo and any other run both check: resuming, the output folder, the push's repository name."""
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not (Path(args.resume_from_checkpoint) / STATE_FILE).is_file():
+            parser.error(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
+                f"{STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
+            )
     out = Path(args.output_dir)
     if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         parser.error(
             f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
             "or --overwrite_output_dir to start over"
         )
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id namespace/name")
+
+
+def check_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A push that cannot work is found before training, not after it. One process asks the Hub (its
+    account endpoint is rate-limited); when it stops, the launcher stops the others."""
+    if args.push_to_hub and os.environ.get("RANK", "0") == "0":
+        problem = hub_access_problem(args.hub_token)
+        if problem:
+            parser.error(f"--push_to_hub: {problem}")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -303,7 +322,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in at_least_one:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    if (args.dataloader_num_workers or 0) < 0:
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error("--dataloader_num_workers must not be negative")
     for flag in (
         "num_warmup_steps",
@@ -335,8 +354,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "--compile_mode reduce-overhead takes one batch per optimizer step: drop --gradient_accumulation_steps "
             "(or use the default mode)"
         )
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id namespace/name")
     if args.model_name_or_path:
         changed = [f for f in ARCHITECTURE_FLAGS if getattr(args, f) != parser.get_default(f)]
         if changed:
@@ -344,22 +361,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                 f"--{changed[0]} shapes a new decoder; with --model_name_or_path the checkpoint brings its own "
                 "architecture (drop the flag, or start from --clip_model_name_or_path)"
             )
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not (Path(args.resume_from_checkpoint) / STATE_FILE).is_file():
-            parser.error(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
-                f"{STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
-            )
-    check_output_dir(parser, args)
+    check_run_args(parser, args)
     # Last, as these ask the Hub.
     flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
     problem = model_source_problem(getattr(args, flag))
     if problem:
         parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
-    if args.push_to_hub:  # found now, not after hours of training
-        problem = hub_access_problem(args.hub_token)
-        if problem:
-            parser.error(f"--push_to_hub: {problem}")
+    check_push(parser, args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -769,10 +777,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if accelerator.is_main_process:
         save_final_model(args, accelerator, final_model, processor, metrics, results, state["log_history"])
     accelerator.wait_for_everyone()
-    if args.push_to_hub and accelerator.is_main_process:
-        push_output(args, output_dir)
     if accelerator.is_main_process:
         report(args, accelerator, final_model, processor, eval_split, metrics)
+    if args.push_to_hub and accelerator.is_main_process:  # last: a failed push leaves everything else done
+        push_output(args, output_dir)
     return results
 
 
@@ -968,31 +976,36 @@ def save_final_model(args, accelerator, model, processor, metrics, results, log_
     staging.rmdir()
 
 
+LOCAL_ONLY = ("checkpoints", "clipseg_finetune", "runs")  # checkpoints and tracker logs stay local
+
+
 def files_to_push(output_dir: Path) -> list[Path]:
     """The saved model folder: everything but checkpoints, tracker logs and unfinished (hidden) files."""
-    skip_dirs = {"checkpoints", "clipseg_finetune", "runs"}
     return sorted(
         path
         for path in output_dir.rglob("*")
         if path.is_file()
         and not any(part.startswith(".") for part in path.relative_to(output_dir).parts)
-        and path.relative_to(output_dir).parts[0] not in skip_dirs
+        and path.relative_to(output_dir).parts[0] not in LOCAL_ONLY
     )
 
 
 def hub_access_problem(token: str | None) -> str | None:
-    """Why a push would fail, in a few words (offline mode, no network, no valid token); None when it would not."""
+    """Why a push would fail, in a few words (offline mode, no network, no valid token, a read-only token);
+    None when it may work."""
     from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set, so the Hub cannot be reached"
     try:
-        HfApi(token=token).whoami()
+        account = HfApi(token=token).whoami()
     except Exception as error:  # no network, no token, a revoked token: each its own exception type
         return (
             f"the Hub refused or could not be reached ({error.__class__.__name__}: {error}); log in with "
             "`hf auth login` or pass --hub_token"
         )
+    if account.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        return "the token is read-only: give one that can write (`hf auth login` or --hub_token)"
     return None
 
 
@@ -1012,12 +1025,14 @@ def push_output(args: argparse.Namespace, output_dir: Path) -> None:
             operations=operations,
             commit_message="Upload model trained with clipseg-finetune",
         )
-    except (
-        Exception
-    ) as error:  # the network or the Hub failed after training: say what is safe and how to retry
+    except Exception as error:  # after training: say what is safe and how to push it by hand
+        excluded = " ".join(
+            f"--exclude '{pattern}'" for pattern in (*(f"{name}/*" for name in LOCAL_ONLY), ".*")
+        )
+        private = " --private" if args.hub_private_repo else ""
         raise OSError(
             f"--push_to_hub {args.hub_model_id} failed ({error.__class__.__name__}: {error}). The model is saved in "
-            f"{output_dir}; push it later with `hf upload {args.hub_model_id} {output_dir} --exclude 'checkpoints/*'`"
+            f"{output_dir}; push it later with `hf upload {args.hub_model_id} {output_dir}{private} {excluded}`"
         ) from error
     print(f"Pushed {len(operations)} files from {output_dir} to https://huggingface.co/{repo_id}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -15,13 +16,24 @@ MAX_DEFAULT_WORKERS = 16  # each worker holds its own memory and shared buffers;
 
 
 def default_num_workers() -> int:
-    """Data-loader workers per process when none are asked for: the CPUs this process may run on, shared
+    """Data-loader workers per process when none are asked for: the CPUs this process may use, shared
     among the machine's training processes (`LOCAL_WORLD_SIZE`, set by `accelerate launch`), less one for
     each process's own thread, at most `MAX_DEFAULT_WORKERS`. A fast GPU needs many: one worker prepares
     a few hundred to a thousand samples a second."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return max(0, min(MAX_DEFAULT_WORKERS, usable_cpus() // processes - 1))
+
+
+def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPUs this process may run on, or its container's CPU quota when that is smaller (`docker --cpus`,
+    a Kubernetes limit: cgroup v2's `cpu.max` holds "quota period", or "max period" for none)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, min(MAX_DEFAULT_WORKERS, cpus // processes - 1))
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+        limit = -(-int(quota) // int(period))  # a quota of 1.5 CPUs runs on 2
+    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
+        return cpus
+    return max(1, min(cpus, limit))
 
 
 def canonical_split(name: str) -> str:

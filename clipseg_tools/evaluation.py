@@ -170,7 +170,8 @@ def _score_batches(
             probs = torch.sigmoid(logits)
             image_index = batch["image_index"]
             parts["ids"].append(index.phrase_ids(batch["rows"], image_index))
-            # The counts stay on the device until the end: no wait for it per batch.
+            # The counts stay on the device until the end, read once (`confusion_counts` itself still waits
+            # for the device per batch: its range check and its bincount read back).
             parts["counts"].append(confusion_counts(probs, batch["labels"].to(device, non_blocking=True)))
             inter, union = official_counts(probs, image_index, batch["native_masks"], official_threshold)
             parts["inter"].append(inter)

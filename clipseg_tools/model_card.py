@@ -74,9 +74,8 @@ def write_model_card(
     )
     results = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation was run."
     config_json = json.dumps(training_config, indent=2, sort_keys=True, default=str)
-    scope = (
-        f", {eval_scope}" if eval_scope else ""
-    )  # e.g. "500 images, 1,234 phrases": text only, not metadata
+    # e.g. "500 images, 1,234 phrases": in the text only, the metadata takes the split's name
+    scope = f", {eval_scope}" if eval_scope else ""
     content = f"""---
 {card_data.to_yaml()}
 ---

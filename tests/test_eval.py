@@ -105,6 +105,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, synthetic_data, saved_m
         ("notes", "is not a model folder (no config.json)"),
         ("run/checkpoints/step_5", "is a training checkpoint"),
         ("missing", "no such folder"),
+        ("notes/hello.txt", "is a file, not a model folder"),
     ],
 )
 def test_a_folder_that_is_not_a_model_is_named_before_any_scoring(

@@ -242,11 +242,18 @@ def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_
         assert "(OSError: 401 Unauthorized); log in with `hf auth login`" in run_train.hub_access_problem(
             "bad"
         )
-    with (
-        mock.patch.object(constants, "HF_HUB_OFFLINE", False),
-        mock.patch.object(HfApi, "whoami", lambda self: {}),
-    ):
+
+    def account(role):
+        return lambda self: {"name": "someone", "auth": {"accessToken": {"role": role}}}
+
+    online = mock.patch.object(constants, "HF_HUB_OFFLINE", False)
+    with online, mock.patch.object(HfApi, "whoami", account("read")):
+        assert "the token is read-only" in run_train.hub_access_problem("read-only")
+    with online, mock.patch.object(HfApi, "whoami", account("write")):
         assert run_train.hub_access_problem("good") is None
+        assert run_train.parse_args(argv).push_to_hub
+    # Only the first process asks the Hub (its account endpoint is rate-limited).
+    with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.dict(os.environ, {"RANK": "1"}):
         assert run_train.parse_args(argv).push_to_hub
 
 
@@ -257,7 +264,7 @@ def test_a_failed_push_says_where_the_model_is_and_how_to_push_it(tmp_path):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
-    args = mock.Mock(hub_token=None, hub_model_id="someone/model", hub_private_repo=False)
+    args = mock.Mock(hub_token=None, hub_model_id="someone/model", hub_private_repo=True)
 
     def unreachable(self, repo_id, **kwargs):
         raise ConnectionError("Name or service not known")
@@ -267,7 +274,9 @@ def test_a_failed_push_says_where_the_model_is_and_how_to_push_it(tmp_path):
     assert "--push_to_hub someone/model failed (ConnectionError: Name or service not known)" in str(
         failed.value
     )
-    assert f"saved in {tmp_path / 'out'}; push it later with `hf upload someone/model" in str(failed.value)
+    retry = f"`hf upload someone/model {tmp_path / 'out'} --private --exclude 'checkpoints/*' "
+    assert f"saved in {tmp_path / 'out'}; push it later with {retry}" in str(failed.value)
+    assert "--exclude 'runs/*' --exclude '.*'`" in str(failed.value)  # what files_to_push leaves out
 
 
 @pytest.mark.parametrize(
@@ -316,6 +325,8 @@ def test_help_shows_the_defaults():
         (["--max_train_steps", "5", "--image_size", "64"], "drop --image_size, --max_train_steps"),
         (["--data_dir", "{tmp}"], "drop --data_dir"),
         (["--output_dir", "{tmp}/run"], "--output_dir {tmp}/run holds a run"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--resume_from_checkpoint", "{tmp}"], "is not a checkpoint of this script"),
     ],
 )
 def test_the_demo_refuses_flags_it_would_override_and_a_folder_holding_a_run(
@@ -366,13 +377,23 @@ def test_a_model_that_cannot_load_is_named_before_any_work(
     assert f"{flag} {tmp_path / folder}: {message}" in capsys.readouterr().err
 
 
+def test_a_hub_id_that_is_not_cached_offline_is_named_with_the_way_to_get_it():
+    from clipseg_tools.sources import model_source_problem
+
+    problem = model_source_problem("nobody/no-such-model")  # HF_HUB_OFFLINE=1 in the tests
+    assert problem.startswith("is no local folder, and as a Hub id it could not be found")
+    assert "`hf download nobody/no-such-model --local-dir DIR`" in problem
+
+
 def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, tiny_clip_dir, monkeypatch):
     import run_eval
     import run_train
     from clipseg_tools import data
 
+    usable_cpus = data.usable_cpus
+
     def machine(cpus, processes):
-        monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+        monkeypatch.setattr(data, "usable_cpus", lambda: cpus)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
         return data.default_num_workers()
 
@@ -380,6 +401,15 @@ def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, 
     assert machine(16, 4) == 3
     assert machine(4, 4) == 0  # one CPU each: data loads in the training process
     assert machine(128, 1) == data.MAX_DEFAULT_WORKERS
+    assert machine(4, "") == 3  # LOCAL_WORLD_SIZE set but empty: one process
+
+    # The CPUs: those the process may run on, or its container's quota when smaller.
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(tmp_path / "cpu.max") == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path / "cpu.max") == 8
+    assert usable_cpus(tmp_path / "absent") == 8
     machine(8, 2)
     given = train_args(tmp_path, tiny_clip_dir, tmp_path / "out")
     at = given.index("--dataloader_num_workers")
