@@ -123,6 +123,14 @@ def test_a_folder_that_is_not_a_model_is_named_before_any_scoring(
     assert not (tmp_path / "out").exists()  # the first model was not scored
 
 
+def test_a_model_folder_that_does_not_load_is_named(tmp_path, synthetic_data):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")  # passes the early check, fails to load
+    with pytest.raises(run_eval.EvaluationError, match="is not a loadable model"):
+        run_eval.main(["--model", str(tmp_path / "broken"), "--data_dir", str(synthetic_data),
+                       "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"])  # fmt: skip
+
+
 def test_a_split_that_was_not_prepared_is_named(tmp_path, saved_models):
     from phrasecut_dataset import write_synthetic_phrasecut
 

@@ -305,7 +305,7 @@ def test_bad_arguments_end_with_a_clear_message(tmp_path, synthetic_data, tiny_c
     assert "usage:" not in result.stderr  # the sentence, not buried under fifty options
 
 
-def test_help_shows_the_defaults():
+def test_help_shows_the_defaults(capsys):
     import run_eval
     import run_train
 
@@ -317,6 +317,8 @@ def test_help_shows_the_defaults():
     assert "(default: None)" not in text and "(default: False)" not in text
     with mock.patch("sys.argv", ["run_eval.py", "--help"]), pytest.raises(SystemExit):
         run_eval.parse_args()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--split SPLIT the split scored (default: test)" in text and "(default: None)" not in text
 
 
 @pytest.mark.parametrize(
