@@ -27,8 +27,8 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from clipseg_tools.cli import ArgumentParser
-from clipseg_tools.data import canonical_split, default_num_workers, load_splits
+from clipseg_tools.cli import ArgumentParser, worker_count
+from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import EvaluationResult, evaluate
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
@@ -107,10 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problem = model_source_problem(spec.removeprefix(STOCK_PREFIX))
         if problem:
             parser.error(f"--model/--compare {spec}: {problem}")
-    if args.num_workers is None:
-        args.num_workers = default_num_workers()
-    elif args.num_workers < 0:
-        parser.error("--num_workers must not be negative")
+    args.num_workers = worker_count(parser, args.num_workers, "--num_workers")
     return args
 
 

@@ -41,8 +41,8 @@ from clipseg_tools.batching import (
     collate_training,
     model_inputs,
 )
-from clipseg_tools.cli import ArgumentParser
-from clipseg_tools.data import canonical_split, default_num_workers, load_splits
+from clipseg_tools.cli import ArgumentParser, worker_count
+from clipseg_tools.data import canonical_split, load_splits
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.handover import SharedBatchRing
 from clipseg_tools.model_card import write_model_card
@@ -251,8 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_demo_args(parser, args)
     else:
         check_args(parser, args)
-    if args.dataloader_num_workers is None:
-        args.dataloader_num_workers = default_num_workers()
+    args.dataloader_num_workers = worker_count(
+        parser, args.dataloader_num_workers, "--dataloader_num_workers"
+    )
     return args
 
 
@@ -322,8 +323,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in at_least_one:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
-        parser.error("--dataloader_num_workers must not be negative")
     for flag in (
         "num_warmup_steps",
         "max_eval_images",

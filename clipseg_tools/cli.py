@@ -6,6 +6,8 @@ import argparse
 import copy
 from typing import NoReturn
 
+from .data import default_num_workers
+
 
 class HelpWithDefaults(argparse.HelpFormatter):
     """`--help` shows each option's default, where it has one worth showing, also for options with no text."""
@@ -38,3 +40,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
+
+
+def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) -> int:
+    """A data-loader worker flag's value: refused when negative, this machine's default when not given."""
+    if given is None:
+        return default_num_workers()
+    if given < 0:
+        parser.error(f"{flag} must not be negative")
+    return given
