@@ -34,13 +34,21 @@ SUB_CONFIGS = {"text_config": CLIPTextConfig, "vision_config": CLIPVisionConfig}
 
 
 def refined_head_strides(patch_size: int) -> tuple[int, int]:
-    """Strides of the refined head's two transposed convolutions; together they upsample by `patch_size`.
+    """Strides of a new refined head's two transposed convolutions; together they upsample by `patch_size`,
+    so the logits have the input's size.
 
     The second stride is the largest divisor of the patch size not above its square root, so patch 16 gives
-    (4, 4) as in the CIDAS weights, patch 32 gives (8, 4) and patch 8 gives (4, 2).
+    (4, 4) as in the CIDAS weights, patch 32 gives (8, 4) and patch 8 gives (4, 2). (transformers' CLIPSeg uses
+    `patch_size // 4` twice, which upsamples by the patch size only for patch 16; a checkpoint imported from
+    it keeps its own strides, see `from_clipseg_config`.)
     """
     second = max(d for d in range(1, int(patch_size**0.5) + 1) if patch_size % d == 0)
     return patch_size // second, second
+
+
+def stock_refined_head_strides(patch_size: int) -> list[int]:
+    """The strides transformers' `CLIPSegForImageSegmentation` gives its refined head."""
+    return [patch_size // 4, patch_size // 4]
 
 
 class ClipSegCustomConfig(PretrainedConfig):
@@ -61,7 +69,23 @@ class ClipSegCustomConfig(PretrainedConfig):
         conditional_layer (`int`): index of the decoder block before which FiLM conditioning is applied.
         use_complex_transposed_convolution (`bool`): the refined head (conv 3x3 + two transposed
             convolutions) instead of one transposed convolution of the patch size.
+        refined_head_strides (`list[int]`): the refined head's two strides (and kernel sizes). Default: two
+            that multiply to the patch size (`refined_head_strides()`); a checkpoint imported from transformers'
+            CLIPSeg keeps its `patch_size // 4` twice, so that it gives the logits it gave there.
         image_size (`int`): side of the square input the processor resizes images to.
+
+    Example:
+
+    ```python
+    >>> from configuration import ClipSegCustomConfig
+    >>> from modeling_clipseg_custom import ClipSegCustomModel
+
+    >>> config = ClipSegCustomConfig()  # the CIDAS/clipseg-rd64-refined architecture
+    >>> model = ClipSegCustomModel(config)  # random weights; from_pretrained / from_clip load real ones
+    >>> config.vision_config.patch_size, config.extract_layers, config.refined_head_strides
+    (16, [3, 6, 9], [4, 4])
+    >>> rd16 = ClipSegCustomConfig(reduce_dim=16, use_complex_transposed_convolution=False)  # CIDAS/clipseg-rd16
+    ```
     """
 
     model_type = "clipseg_custom"
@@ -78,16 +102,23 @@ class ClipSegCustomConfig(PretrainedConfig):
     decoder_dropout: float = 0.1
     conditional_layer: int = 0
     use_complex_transposed_convolution: bool = True
+    refined_head_strides: list[int] | tuple[int, int] | None = None
     image_size: int = 352
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.vision_config is None:
             self.vision_config = dict(VIT_B16_VISION)
-        for key, config_class in SUB_CONFIGS.items():  # done here too for transformers before 5.2x
+        for key, config_class in SUB_CONFIGS.items():  # transformers that reads `sub_configs` builds none
             value = getattr(self, key)
             if value is None or isinstance(value, dict):
                 setattr(self, key, config_class(**(value or {})))
         self.extract_layers = [int(layer) for layer in self.extract_layers]
+        if self.refined_head_strides is None:
+            patch = self.vision_config.patch_size
+            self.refined_head_strides = (
+                list(refined_head_strides(patch)) if isinstance(patch, int) and patch > 0 else []
+            )
+        self.refined_head_strides = [int(stride) for stride in self.refined_head_strides]
         super().__post_init__(**kwargs)
         self.check_values()
 
@@ -114,6 +145,9 @@ class ClipSegCustomConfig(PretrainedConfig):
             )
         if self.use_complex_transposed_convolution and self.reduce_dim < 2:
             problems.append("the refined head halves reduce_dim, so it needs reduce_dim >= 2")
+        strides = self.refined_head_strides
+        if self.use_complex_transposed_convolution and (len(strides) != 2 or min(strides) < 1):
+            problems.append(f"refined_head_strides {strides} must be two positive integers")
         if self.decoder_intermediate_size < 1:
             problems.append("decoder_intermediate_size must be positive")
         if not 0.0 <= self.decoder_dropout < 1.0:
@@ -128,10 +162,6 @@ class ClipSegCustomConfig(PretrainedConfig):
             problems.append(f"image_size {self.image_size} must be a multiple of the patch size {patch}")
         if problems:
             raise ValueError("Invalid ClipSegCustomConfig: " + "; ".join(problems) + ".")
-
-    @property
-    def refined_head_strides(self) -> tuple[int, int]:
-        return refined_head_strides(self.vision_config.patch_size)
 
     def clip_config(self) -> CLIPConfig:
         """The config of the frozen CLIP part (transformers' `CLIPModel`)."""
@@ -156,6 +186,7 @@ class ClipSegCustomConfig(PretrainedConfig):
         fields["vision_config"] = _tower_dict(clipseg_config.vision_config)
         # Our exports record the input size; CIDAS configs do not (their processors resize to 352).
         fields["image_size"] = getattr(clipseg_config, "image_size", cls.image_size)
+        fields["refined_head_strides"] = stock_refined_head_strides(clipseg_config.vision_config.patch_size)
         # transformers' CLIPSeg decoder has no dropout; ours defaults to the original's 0.1 for training.
         return cls(**{**fields, **overrides})
 
@@ -164,10 +195,12 @@ class ClipSegCustomConfig(PretrainedConfig):
         from transformers import CLIPSegConfig
 
         patch = self.vision_config.patch_size
-        if self.use_complex_transposed_convolution and (patch // 4) ** 2 != patch:
+        stock = stock_refined_head_strides(patch)
+        if self.use_complex_transposed_convolution and self.refined_head_strides != stock:
             raise ValueError(
-                f"transformers' CLIPSeg builds the refined head with strides patch/4 twice, which only fits "
-                f"patch size 16; this model has patch size {patch}, so it cannot be exported to a stock "
+                f"transformers' CLIPSeg builds the refined head with strides patch_size // 4 twice ({stock} for patch "
+                f"size {patch}), which only fits patch size 16 or a model imported from it; this model's head has "
+                f"strides {self.refined_head_strides}, so it cannot be exported to a stock "
                 "CLIPSegForImageSegmentation (use it with trust_remote_code instead)"
             )
         fields = {name: getattr(self, name) for name in SHARED_CLIPSEG_FIELDS}
@@ -198,10 +231,11 @@ def _without_bookkeeping(config_dict: dict) -> dict:
     return {key: value for key, value in config_dict.items() if key not in skip}
 
 
-__all__ = ["ClipSegCustomConfig", "refined_head_strides"]
+__all__ = ["ClipSegCustomConfig", "refined_head_strides", "stock_refined_head_strides"]
 
 
-if "sub_configs_defaults" not in vars(PretrainedConfig):  # older transformers 5 read nested configs from here
+# transformers without `sub_configs_defaults` reads the nested configs' classes from `sub_configs`.
+if "sub_configs_defaults" not in vars(PretrainedConfig):
     ClipSegCustomConfig.sub_configs = SUB_CONFIGS
 
 # Known to AutoConfig in every process that imports this file (the project's scripts, and `AutoModel` with

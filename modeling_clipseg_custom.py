@@ -2,22 +2,22 @@
 
 Reference: T. Lüddecke and A. Ecker, "Image Segmentation Using Text and Image Prompts", CVPR 2022.
 
-Read top to bottom: output type -> decoder blocks -> decoder -> the model (loading, freezing, forward,
-`predict`, export to transformers' stock `CLIPSegForImageSegmentation`).
+Read top to bottom, in the order of the architecture: the output type, the decoder's blocks, the decoder,
+the model (loading and freezing, the forward pass, `predict`, export to transformers' stock
+`CLIPSegForImageSegmentation`), the processor, and last the speed machinery (compiled towers and CUDA
+graphs, the in-place activation of the frozen towers, the patch convolutions as matrix products).
 
 What differs from transformers' `CLIPSegForImageSegmentation` (same weights, the same logits within float
 rounding):
 - the vision tower runs once per image, however many prompts that image has (`image_index`), and stops
   after the last extracted block;
-- the refined head upsamples by the patch size for any patch size, not only 16;
+- a new refined head upsamples by the patch size for any patch size (transformers' fits only patch 16; a
+  checkpoint imported from it keeps its geometry);
 - the decoder has the original's dropout for training;
 - non-square inputs work (the token grid is taken from the input size);
-- the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`); the towers and the decoder with its
-  loss can be compiled (`compile_backbone`, `compile_decoder`), also with CUDA graphs (the two towers in one
-  graph, side by side: `TowerGraph`);
-- CLIP's patch embedding and the head's transposed convolutions (kernel = stride) run as matrix products
-  (`PatchConv2d`, `PatchTransposedConv2d`): faster on a GPU than cuDNN's kernels for these shapes, and
-  compilable forward and backward;
+- prompts can mix a phrase with an example image for some prompts only (`visual_index`, the paper's PC+);
+- the frozen CLIP can compute in bf16 outside autocast (`cast_backbone`), and the towers and the decoder can
+  be compiled, with CUDA graphs too (`compile_backbone`, `compile_decoder`);
 - no host-device synchronisation in the forward pass when `image_index` is already on the accelerator.
 
 State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
@@ -47,10 +47,12 @@ try:  # as remote code (a package made by transformers) or imported from the pro
 except ImportError:
     from configuration import ClipSegCustomConfig
 
-# What `compile_backbone` and `compile_decoder` compile: methods of the model instance.
-COMPILED_METHODS = {"backbone": ("_vision_blocks", "_text_features"), "decoder": ("_decode",)}
+# CLIPSeg normalises with the ImageNet statistics (not CLIP's own), as does the processor of the CIDAS
+# checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What `compile_backbone` and `compile_decoder` compile: methods of the model instance.
+COMPILED_METHODS = {"backbone": ("_vision_blocks", "_text_features"), "decoder": ("_decode",)}
 
 
 @dataclass
@@ -68,102 +70,9 @@ class ClipSegCustomOutput(ModelOutput):
     conditional_embeddings: torch.Tensor | None = None
 
 
-def copied_outputs(graphed: Callable) -> Callable:
-    """CUDA graphs (compile mode "reduce-overhead") return tensors in memory that their next replay reuses: the
-    compiled decoder's logits would change under a caller that keeps them across steps. Copies (a few MB per
-    step) outlive the next replay; gradients still flow through them."""
-
-    def copy(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        return type(value)(copy(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-    @functools.wraps(graphed)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return copy(graphed(*args, **kwargs))
-
-    return call
-
-
-class TowerGraph:
-    """Both frozen towers as one CUDA graph per input shape, the text tower on a high-priority side stream beside
-    the vision tower: one launch for the towers' hundreds of kernels (the text tower's small kernels were all
-    launch time), and the text tower's time hidden under the vision tower's. What compile mode
-    "reduce-overhead" does to the towers on a GPU. Inputs are copied into the graph's own buffers, outputs out
-    of them (a later replay overwrites them). Each graph keeps its buffers: past `max_graphs` shapes (an
-    evaluation's batches vary in phrase count) new shapes run the compiled towers without a graph."""
-
-    def __init__(self, model: ClipSegCustomModel, max_graphs: int = 8):
-        self.model = model
-        self.max_graphs = max_graphs
-        self.graphs: dict[tuple, tuple] = {}
-        self.pool = None  # one memory pool for all shapes' graphs: they never run at the same time
-        self.side_stream = self.warmup_stream = None
-
-    def __call__(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        given = (pixel_values, input_ids, attention_mask)
-        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        # A graph reads the weights where they were at capture: moved or cast weights need a new one.
-        clip = self.model.clip
-        weights = tuple(
-            tower.embeddings.position_embedding.weight.data_ptr()
-            for tower in (clip.vision_model, clip.text_model)
-        )
-        key = (autocast, weights, *((None if t is None else (t.shape, t.dtype, t.device)) for t in given))
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_graphs:
-                return self.model.vision_activations(pixel_values), self.model.text_embeddings(*given[1:])
-            self.graphs[key] = self._capture(given)
-        graph, buffers, (activations, text) = self.graphs[key]
-        for buffer, tensor in zip(buffers, given):
-            if tensor is not None:
-                buffer.copy_(tensor)
-        graph.replay()
-        return [activation.clone() for activation in activations], text.clone()
-
-    def _towers(self, pixel_values, input_ids, attention_mask):
-        main = torch.cuda.current_stream()
-        self.side_stream.wait_stream(main)
-        with torch.cuda.stream(self.side_stream):
-            text = self.model.text_embeddings(input_ids, attention_mask)
-        activations = self.model.vision_activations(pixel_values)
-        main.wait_stream(self.side_stream)
-        return activations, text
-
-    def _capture(self, given: tuple) -> tuple:
-        pixels, input_ids, attention_mask = given
-        if self.side_stream is None:
-            self.side_stream = torch.cuda.Stream(pixels.device, priority=-1)
-            self.warmup_stream = torch.cuda.Stream(pixels.device)
-        buffers = (
-            pixels.to(self.model.backbone_dtype, copy=True),
-            input_ids.clone(),
-            None if attention_mask is None else attention_mask.clone(),
-        )
-        # Warm up on another stream first, as CUDA graph capture requires: compiles, autotunes, allocates.
-        self.warmup_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.warmup_stream):
-            for _ in range(3):
-                self._towers(*buffers)
-        torch.cuda.current_stream().wait_stream(self.warmup_stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (a data loader's pin-memory thread) may use CUDA meanwhile.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            outputs = self._towers(*buffers)
-        self.pool = graph.pool()
-        return graph, buffers, outputs
-
-
-class FrozenQuickGELU(nn.Module):
-    """CLIP's quick_gelu, x * sigmoid(1.702 x), with one temporary instead of three when no gradient flows
-    (CLIP is frozen): the same values bit for bit, less memory traffic (a few % of a CPU forward)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x * torch.sigmoid(1.702 * x)
-        return torch.mul(x, 1.702).sigmoid_().mul_(x)
+# ----------------------------------------------------------------------------------------------------------
+# The decoder's blocks
+# ----------------------------------------------------------------------------------------------------------
 
 
 class DecoderAttention(nn.Module):
@@ -218,59 +127,9 @@ class DecoderBlock(nn.Module):
         return self.layer_norm2(hidden + self.dropout(self.mlp(hidden)))
 
 
-class PatchConv2d(nn.Conv2d):
-    """CLIP's patch embedding, a convolution whose kernel equals its stride, as one matrix product over the
-    image's non-overlapping patches: the parameters (and state-dict keys) of `nn.Conv2d`, the same values
-    within float rounding. Why: cuDNN's kernel for it took 1.2 ms of every training step on an H200; as a matrix
-    product the vision tower went from 11.7 to 10.7 ms per 64 images (benchmarks/RESULTS.md)."""
-
-    @classmethod
-    def like(cls, conv: nn.Conv2d) -> PatchConv2d:
-        if (
-            conv.kernel_size != conv.stride
-            or conv.padding != (0, 0)
-            or conv.dilation != (1, 1)
-            or conv.groups != 1
-        ):
-            raise ValueError(f"not a patch embedding (kernel = stride, no padding): {conv}")
-        return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """`[B, C_in, H, W]` -> `[B, C_out, H // k, W // k]` (a view of a `[B, patches, C_out]` result)."""
-        batch, channels = images.shape[:2]
-        kh, kw = self.kernel_size
-        rows, cols = images.shape[2] // kh, images.shape[3] // kw
-        patches = images[:, :, : rows * kh, : cols * kw].reshape(batch, channels, rows, kh, cols, kw)
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * kh * kw)
-        embedded = F.linear(patches, self.weight.flatten(1), self.bias)
-        return embedded.transpose(1, 2).view(batch, self.out_channels, rows, cols)
-
-
-class PatchTransposedConv2d(nn.ConvTranspose2d):
-    """A transposed convolution whose kernel equals its stride: every input pixel writes its own k x k output
-    patch, so the layer is one matrix product and a reshuffle of the result. The parameters (and state-dict
-    keys) of `nn.ConvTranspose2d`, the same values within float rounding. Why: as a matrix product it runs as
-    one GEMM forward and backward, and `torch.compile` can take the whole decoder (inductor's
-    `convolution_backward` of these layers fails in torch 2.11)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__(in_channels, out_channels, kernel_size=stride, stride=stride)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """`[B, C_in, H, W]` -> `[B, C_out, H * k, W * k]`."""
-        batch, _, height, width = grid.shape
-        k, out = self.stride[0], self.out_channels
-        weight = self.weight.flatten(1).t()  # [C_out * k * k, C_in], rows ordered (channel, row, column)
-        bias = self.bias.repeat_interleave(k * k)
-        patches = F.linear(grid.permute(0, 2, 3, 1), weight, bias)  # [B, H, W, C_out * k * k]
-        patches = patches.view(batch, height, width, out, k, k).permute(0, 3, 1, 4, 2, 5)
-        return patches.reshape(batch, out, height * k, width * k)
-
-
 def build_head(config: ClipSegCustomConfig) -> nn.Module:
-    """The upsampling head: token grid [P, D, h, w] -> one logit map [P, 1, h*patch, w*patch]."""
+    """The upsampling head: token grid [P, D, h, w] -> one logit map [P, 1, h * s, w * s], s the product of its
+    strides (the patch size, unless imported from a transformers checkpoint with another geometry)."""
     width, patch = config.reduce_dim, config.vision_config.patch_size
     if not config.use_complex_transposed_convolution:
         return PatchTransposedConv2d(width, 1, stride=patch)
@@ -282,6 +141,11 @@ def build_head(config: ClipSegCustomConfig) -> nn.Module:
         nn.ReLU(),
         PatchTransposedConv2d(width // 2, 1, stride=second),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoder
+# ----------------------------------------------------------------------------------------------------------
 
 
 class ClipSegDecoder(nn.Module):
@@ -324,12 +188,35 @@ class ClipSegDecoder(nn.Module):
         return self.transposed_convolution(grid_map).squeeze(1)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+
+
 class ClipSegCustomModel(PreTrainedModel):
     """CLIPSeg: segment what a text phrase or an example image names, in any number of images.
 
     The `clip` part is transformers' `CLIPModel`, frozen by the model itself after every load path; only the
     `decoder` trains. Load it from a checkpoint of ours or a CIDAS one (`from_pretrained`), or start a new
     decoder on any CLIP checkpoint (`from_clip`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from PIL import Image
+    >>> from transformers import AutoModel, AutoProcessor
+
+    >>> model = AutoModel.from_pretrained("you/clipseg-rd64-phrasecut", trust_remote_code=True).eval()
+    >>> processor = AutoProcessor.from_pretrained("you/clipseg-rd64-phrasecut", trust_remote_code=True)
+    >>> maps = model.predict(Image.open("street.jpg"), ["a red car", "the sky"], processor=processor)
+    >>> maps[0].shape  # probabilities per prompt at the photo's own size
+    torch.Size([2, 480, 640])
+
+    >>> inputs = processor(text=["a red car", "the sky"], images=[Image.open("street.jpg")], return_tensors="pt",
+    ...                    padding=True)
+    >>> logits = model(**inputs, image_index=torch.tensor([0, 0])).logits  # one vision pass for both phrases
+    ```
     """
 
     config_class = ClipSegCustomConfig
@@ -365,7 +252,7 @@ class ClipSegCustomModel(PreTrainedModel):
         self.post_init()
         self.freeze_backbone()
 
-    # --- weights and freezing ---
+    # --- weights, freezing, loading ---
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's defaults for the decoder (as the original CLIPSeg); CLIP initialises itself."""
@@ -385,74 +272,6 @@ class ClipSegCustomModel(PreTrainedModel):
         self.clip.requires_grad_(False)
         self.clip.eval()
 
-    def cast_backbone(self, dtype: torch.dtype) -> ClipSegCustomModel:
-        """Keep the frozen CLIP in `dtype` (e.g. bfloat16): it then computes purely in that precision, outside
-        any autocast, with half the memory traffic of autocast's float32 norms and residuals. The decoder
-        keeps its own dtype (float32 master weights for training). Irreversible for the CLIP weights: save
-        a model trained this way with its original float32 backbone (run_train.py does)."""
-        self.clip.to(dtype)
-        return self
-
-    @property
-    def backbone_dtype(self) -> torch.dtype:
-        return self.clip.logit_scale.dtype
-
-    @property
-    def decoder_dtype(self) -> torch.dtype:
-        return self.decoder.film_mul.weight.dtype
-
-    def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
-        """`torch.compile` the frozen towers' forward passes (vision blocks and text features). Options go to
-        `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an unpickled model compiles its
-        own towers again."""
-        return self._compile("backbone", compile_options)
-
-    def compile_decoder(self, **compile_options: Any) -> ClipSegCustomModel:
-        """`torch.compile` the decoder and the loss (forward and backward): fuses its many small, memory-bound
-        operations. Options and copies as `compile_backbone`."""
-        return self._compile("decoder", compile_options)
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether the decoder replays CUDA graphs (compile mode "reduce-overhead"): a training loop then calls
-        `torch.compiler.cudagraph_mark_step_begin()` before each step."""
-        return getattr(self, "_compile_options", {}).get("decoder", {}).get("mode") == "reduce-overhead"
-
-    def _compile(self, part: str, compile_options: dict[str, Any]) -> ClipSegCustomModel:
-        self._compile_options = {**getattr(self, "_compile_options", {}), part: dict(compile_options)}
-        graphs = compile_options.get("mode") == "reduce-overhead"
-        if part == "backbone" and graphs:
-            # The towers' graphs are the project's own (TowerGraph): both towers side by side in one graph.
-            compile_options = {k: v for k, v in compile_options.items() if k != "mode"}
-            self._tower_graph = TowerGraph(self)
-        for name in COMPILED_METHODS[part]:
-            compiled = torch.compile(getattr(type(self), name).__get__(self), **compile_options)
-            if graphs and part == "decoder":
-                compiled = copied_outputs(compiled)
-            setattr(self, name, compiled)
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The compiled functions are bound to this instance: a copy must not run this model's modules.
-        compiled = {name for names in COMPILED_METHODS.values() for name in names} | {"_tower_graph"}
-        return {k: v for k, v in super().__getstate__().items() if k not in compiled}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for part, options in state.get("_compile_options", {}).items():
-            self._compile(part, options)
-
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
-        """As transformers', refusing a backbone cast apart from the decoder: it would be saved (and reloaded)
-        in its training precision, the decoder with it."""
-        if self.backbone_dtype != self.decoder_dtype:
-            raise ValueError(
-                f"the CLIP is {self.backbone_dtype} (cast_backbone) and the decoder {self.decoder_dtype}: save the "
-                "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
-                "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
-            )
-        return super().save_pretrained(*args, **kwargs)
-
     def train(self, mode: bool = True) -> ClipSegCustomModel:
         super().train(mode)
         self.clip.eval()  # the frozen backbone always runs in inference mode
@@ -470,14 +289,7 @@ class ClipSegCustomModel(PreTrainedModel):
     @classmethod
     def from_clip(cls, clip_name_or_path: str, **config_overrides: Any) -> ClipSegCustomModel:
         """A new model: the weights of any CLIP checkpoint (Hub id or local folder) and a fresh decoder."""
-        try:
-            clip = CLIPModel.from_pretrained(clip_name_or_path)
-        except OSError as error:
-            raise OSError(
-                f"Could not load the CLIP checkpoint {clip_name_or_path!r} ({error.__class__.__name__}); "
-                "without network access, pass the path of a local copy (a folder with config.json and "
-                "model.safetensors, e.g. made by `hf download`)."
-            ) from error
+        clip = CLIPModel.from_pretrained(clip_name_or_path)
         from_clip = dict(
             text_config=clip.config.text_config.to_dict(),
             vision_config=clip.config.vision_config.to_dict(),
@@ -493,7 +305,74 @@ class ClipSegCustomModel(PreTrainedModel):
         model.freeze_backbone()
         return model
 
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """As transformers', refusing a backbone cast apart from the decoder: it would be saved (and reloaded)
+        in its training precision, the decoder with it."""
+        if self.backbone_dtype != self.decoder_dtype:
+            raise ValueError(
+                f"the CLIP is {self.backbone_dtype} (cast_backbone) and the decoder {self.decoder_dtype}: save the "
+                "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
+                "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
+            )
+        return super().save_pretrained(*args, **kwargs)
+
     # --- the forward pass ---
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        conditional_pixel_values: torch.Tensor | None = None,
+        conditional_embeddings: torch.Tensor | None = None,
+        text_weight: torch.Tensor | float | None = None,
+        visual_index: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ClipSegCustomOutput:
+        r"""Segment P prompts in I images.
+
+        Args:
+            pixel_values: `[I, 3, H, W]` normalised images (H, W multiples of the patch size).
+            input_ids, attention_mask: `[P, T]` tokenised phrases.
+            conditional_pixel_values: `[P, 3, h, w]` example images (visual prompts), one per prompt; with
+                `visual_index`, `[V, 3, h, w]` for the V prompts it names.
+            conditional_embeddings: `[P, projection_dim]` precomputed prompt embeddings.
+            text_weight: with both phrases and example images, the paper's mix: a prompt's embedding is
+                `w * text + (1 - w) * image` (a float, or `[P]`: one weight per prompt).
+            visual_index: `[V]` the prompts the example images belong to, when only some prompts have one (the
+                paper's PC+ training); the others are their phrase alone.
+            image_index: `[P]` which image each prompt belongs to; default: prompt p belongs to image p.
+            labels: `[P, H, W]` target masks in [0, 1]; gives the loss.
+        """
+        if kwargs:
+            raise TypeError(f"ClipSegCustomModel.forward got unexpected arguments: {sorted(kwargs)}")
+        self._check_pixels(pixel_values, "pixel_values")
+        # Step 1: the vision tower's activations, once per image, and one conditioning vector per prompt.
+        phrases_only = conditional_pixel_values is None and conditional_embeddings is None
+        if phrases_only and input_ids is not None and len(input_ids):
+            activations, conditional_embeddings = self.tower_features(pixel_values, input_ids, attention_mask)
+        else:
+            conditional_embeddings = self._conditional_embeddings(
+                input_ids,
+                attention_mask,
+                conditional_pixel_values,
+                conditional_embeddings,
+                text_weight,
+                visual_index,
+            )
+            activations = self.vision_activations(pixel_values)
+        # Step 2: which image each prompt reads; the decoder's precision.
+        num_images, num_prompts = pixel_values.shape[0], conditional_embeddings.shape[0]
+        image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
+        if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
+            activations = [activation.to(self.decoder_dtype) for activation in activations]
+            conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
+        # Step 3: the decoder, once per prompt, and the loss.
+        grid = self.token_grid(pixel_values)
+        logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
+        return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
 
     def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the extracted vision blocks, `[I, 1 + h*w, width]` each; stops after the last one."""
@@ -513,13 +392,6 @@ class ClipSegCustomModel(PreTrainedModel):
             if index in wanted:
                 found[index] = hidden
         return [found[index] for index in wanted]
-
-    def _backbone_precision(self, device: torch.device) -> Any:
-        """A low-precision backbone computes in its own dtype: autocast would redo its norms and residual
-        stream in float32. A float32 backbone follows the caller's autocast, as any module."""
-        if self.backbone_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device.type, enabled=False)
 
     def text_embeddings(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -541,66 +413,6 @@ class ClipSegCustomModel(PreTrainedModel):
                 pixel_values=conditional_pixel_values.to(self.backbone_dtype), interpolate_pos_encoding=True
             )
         return features.pooler_output
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        conditional_pixel_values: torch.Tensor | None = None,
-        conditional_embeddings: torch.Tensor | None = None,
-        text_weight: torch.Tensor | float | None = None,
-        image_index: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> ClipSegCustomOutput:
-        r"""Segment P prompts in I images.
-
-        Args:
-            pixel_values: `[I, 3, H, W]` normalised images (H, W multiples of the patch size).
-            input_ids, attention_mask: `[P, T]` tokenised phrases.
-            conditional_pixel_values: `[P, 3, h, w]` example images (visual prompts).
-            conditional_embeddings: `[P, projection_dim]` precomputed prompt embeddings.
-            text_weight: with both phrases and example images, the paper's mix: each prompt's embedding is
-                `w * text + (1 - w) * image` (a float or `[P]`).
-            image_index: `[P]` which image each prompt belongs to; default: prompt p belongs to image p.
-            labels: `[P, H, W]` target masks in [0, 1]; gives the loss.
-        """
-        if kwargs:
-            raise TypeError(f"ClipSegCustomModel.forward got unexpected arguments: {sorted(kwargs)}")
-        self._check_pixels(pixel_values, "pixel_values")
-        text_only = (
-            input_ids is not None and conditional_pixel_values is None and conditional_embeddings is None
-        )
-        if text_only and len(input_ids):
-            activations, conditional_embeddings = self.tower_features(pixel_values, input_ids, attention_mask)
-        else:
-            conditional_embeddings = self._conditional_embeddings(
-                input_ids, attention_mask, conditional_pixel_values, conditional_embeddings, text_weight
-            )
-            activations = self.vision_activations(pixel_values)
-        num_images, num_prompts = pixel_values.shape[0], conditional_embeddings.shape[0]
-        image_index = self._check_image_index(image_index, num_images, num_prompts, pixel_values.device)
-        if not torch.is_autocast_enabled(pixel_values.device.type):  # e.g. a bf16 backbone, fp32 decoder
-            activations = [activation.to(self.decoder_dtype) for activation in activations]
-            conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
-        grid = self.token_grid(pixel_values)
-        logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
-        return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
-
-    def tower_features(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """`vision_activations` and `text_embeddings` at once; with `compile_backbone(mode="reduce-overhead")` on
-        a GPU both towers run side by side in one CUDA graph (`TowerGraph`)."""
-        if not self._graphs_towers(pixel_values):
-            return self.vision_activations(pixel_values), self.text_embeddings(input_ids, attention_mask)
-        # Cut long phrases here: cutting reads values back (a boolean index), which a graph cannot hold.
-        input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
-        return self._tower_graph(pixel_values, input_ids, attention_mask)
-
-    def _graphs_towers(self, pixel_values: torch.Tensor) -> bool:
-        return getattr(self, "_tower_graph", None) is not None and pixel_values.is_cuda
 
     def token_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
         """Rows and columns of patch tokens for images of this size."""
@@ -630,9 +442,14 @@ class ClipSegCustomModel(PreTrainedModel):
         conditional_pixel_values: torch.Tensor | None,
         conditional_embeddings: torch.Tensor | None,
         text_weight: torch.Tensor | float | None,
+        visual_index: torch.Tensor | None,
     ) -> torch.Tensor:
-        given = [t for t in (input_ids, conditional_pixel_values, conditional_embeddings) if t is not None]
-        if any(len(prompts) == 0 for prompts in given):
+        """One conditioning vector per prompt, from whichever prompts were given."""
+        # With visual_index, a batch in which no phrase has an example image brings none: that is fine.
+        prompts = (input_ids, conditional_embeddings) + (
+            (conditional_pixel_values,) if visual_index is None else ()
+        )
+        if any(given is not None and len(given) == 0 for given in prompts):
             raise ValueError("the prompt list is empty: give at least one prompt")
         if conditional_embeddings is not None:
             if input_ids is not None or conditional_pixel_values is not None:
@@ -647,26 +464,53 @@ class ClipSegCustomModel(PreTrainedModel):
                     f"conditional_embeddings must be [P, {self.config.projection_dim}], "
                     f"got {tuple(conditional_embeddings.shape)}"
                 )
-            embeddings = conditional_embeddings
-        elif input_ids is not None and conditional_pixel_values is not None:
+            return conditional_embeddings
+        if input_ids is not None and conditional_pixel_values is not None:
             if text_weight is None:
                 raise ValueError(
                     "with both input_ids and conditional_pixel_values, give text_weight (the mix)"
                 )
-            if len(input_ids) != len(conditional_pixel_values):
-                raise ValueError("input_ids and conditional_pixel_values must have one row per prompt each")
-            weight = torch.as_tensor(text_weight, device=input_ids.device, dtype=torch.float32)
-            weight = weight.reshape(-1, 1) if weight.ndim else weight
             text = self.text_embeddings(input_ids, attention_mask)
-            image = self.image_embeddings(conditional_pixel_values)
-            embeddings = weight * text + (1 - weight) * image
-        elif input_ids is not None:
-            embeddings = self.text_embeddings(input_ids, attention_mask)
-        elif conditional_pixel_values is not None:
-            embeddings = self.image_embeddings(conditional_pixel_values)
-        else:
-            raise ValueError("give a prompt: input_ids, conditional_pixel_values or conditional_embeddings")
-        return embeddings
+            return self._mixed_embeddings(text, conditional_pixel_values, text_weight, visual_index)
+        if visual_index is not None:
+            raise ValueError("visual_index needs both input_ids and conditional_pixel_values")
+        if input_ids is not None:
+            return self.text_embeddings(input_ids, attention_mask)
+        if conditional_pixel_values is not None:
+            return self.image_embeddings(conditional_pixel_values)
+        raise ValueError("give a prompt: input_ids, conditional_pixel_values or conditional_embeddings")
+
+    def _mixed_embeddings(
+        self,
+        text: torch.Tensor,
+        examples: torch.Tensor,
+        text_weight: torch.Tensor | float,
+        visual_index: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The paper's mix of phrase and example image, `w * text + (1 - w) * image` in float32: for every prompt,
+        or only for the prompts `visual_index` names (its length is a shape, so nothing is read back from the
+        device)."""
+        weight = torch.as_tensor(text_weight, device=text.device, dtype=torch.float32)
+        text = text.float()
+        if visual_index is None:
+            if len(text) != len(examples):
+                raise ValueError("input_ids and conditional_pixel_values must have one row per prompt each")
+            weight = weight.reshape(-1, 1) if weight.ndim else weight
+            return weight * text + (1 - weight) * self.image_embeddings(examples).float()
+        visual_index = torch.as_tensor(visual_index, device=text.device)
+        if visual_index.shape != (len(examples),) or visual_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"visual_index must be an integer tensor of shape [{len(examples)}] (one prompt per example "
+                f"image), got {visual_index.dtype} {tuple(visual_index.shape)}"
+            )
+        if not len(examples):
+            return text
+        weight = weight.index_select(0, visual_index)[:, None] if weight.ndim else weight
+        mixed = (
+            weight * text.index_select(0, visual_index)
+            + (1 - weight) * self.image_embeddings(examples).float()
+        )
+        return text.index_copy(0, visual_index, mixed)
 
     def _check_pixels(self, pixels: torch.Tensor, name: str) -> None:
         channels = self.config.vision_config.num_channels
@@ -840,6 +684,91 @@ class ClipSegCustomModel(PreTrainedModel):
         if processor is not None:
             processor.save_pretrained(save_directory)
 
+    # --- speed: a low-precision backbone, compiled towers and decoder, CUDA graphs ---
+
+    def cast_backbone(self, dtype: torch.dtype) -> ClipSegCustomModel:
+        """Keep the frozen CLIP in `dtype` (e.g. bfloat16): it then computes purely in that precision, outside
+        any autocast, with half the memory traffic of autocast's float32 norms and residuals. The decoder
+        keeps its own dtype (float32 master weights for training). Irreversible for the CLIP weights: save
+        a model trained this way with its original float32 backbone (run_train.py does)."""
+        self.clip.to(dtype)
+        return self
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.clip.logit_scale.dtype
+
+    @property
+    def decoder_dtype(self) -> torch.dtype:
+        return self.decoder.film_mul.weight.dtype
+
+    def _backbone_precision(self, device: torch.device) -> Any:
+        """A low-precision backbone computes in its own dtype: autocast would redo its norms and residual
+        stream in float32. A float32 backbone follows the caller's autocast, as any module."""
+        if self.backbone_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device.type, enabled=False)
+
+    def compile_backbone(self, **compile_options: Any) -> ClipSegCustomModel:
+        """`torch.compile` the frozen towers' forward passes (vision blocks and text features). Options go to
+        `torch.compile` (e.g. mode="max-autotune-no-cudagraphs"). A copy or an unpickled model compiles its
+        own towers again."""
+        return self._compile("backbone", compile_options)
+
+    def compile_decoder(self, **compile_options: Any) -> ClipSegCustomModel:
+        """`torch.compile` the decoder and the loss (forward and backward): fuses its many small, memory-bound
+        operations. Options and copies as `compile_backbone`."""
+        return self._compile("decoder", compile_options)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the decoder replays CUDA graphs (compile mode "reduce-overhead"): a training loop then calls
+        `torch.compiler.cudagraph_mark_step_begin()` before each step."""
+        return getattr(self, "_compile_options", {}).get("decoder", {}).get("mode") == "reduce-overhead"
+
+    def _compile(self, part: str, compile_options: dict[str, Any]) -> ClipSegCustomModel:
+        self._compile_options = {**getattr(self, "_compile_options", {}), part: dict(compile_options)}
+        graphs = compile_options.get("mode") == "reduce-overhead"
+        if part == "backbone" and graphs:
+            # The towers' graphs are the project's own (TowerGraph): both towers side by side in one graph.
+            compile_options = {k: v for k, v in compile_options.items() if k != "mode"}
+            self._tower_graph = TowerGraph(self)
+        for name in COMPILED_METHODS[part]:
+            compiled = torch.compile(getattr(type(self), name).__get__(self), **compile_options)
+            if graphs and part == "decoder":
+                compiled = copied_outputs(compiled)
+            setattr(self, name, compiled)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled functions are bound to this instance: a copy must not run this model's modules.
+        compiled = {name for names in COMPILED_METHODS.values() for name in names} | {"_tower_graph"}
+        return {k: v for k, v in super().__getstate__().items() if k not in compiled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for part, options in state.get("_compile_options", {}).items():
+            self._compile(part, options)
+
+    def tower_features(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`vision_activations` and `text_embeddings` at once; with `compile_backbone(mode="reduce-overhead")` on
+        a GPU both towers run side by side in one CUDA graph (`TowerGraph`)."""
+        if not self._graphs_towers(pixel_values):
+            return self.vision_activations(pixel_values), self.text_embeddings(input_ids, attention_mask)
+        # Cut long phrases here: cutting reads values back (a boolean index), which a graph cannot hold.
+        input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
+        return self._tower_graph(pixel_values, input_ids, attention_mask)
+
+    def _graphs_towers(self, pixel_values: torch.Tensor) -> bool:
+        return getattr(self, "_tower_graph", None) is not None and pixel_values.is_cuda
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The processor and its inputs
+# ----------------------------------------------------------------------------------------------------------
+
 
 def to_rgb_image(image: Any, name: str = "image") -> Image.Image:
     """A PIL RGB image from a PIL image of any mode or an array (H, W), (H, W, 1|3|4), uint8 or float in [0, 1]."""
@@ -870,6 +799,159 @@ def make_processor(tokenizer: Any, image_size: int = 352) -> Any:
         image_std=list(IMAGENET_STD),
     )
     return CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Speed machinery: the same values as the plain modules, computed faster
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FrozenQuickGELU(nn.Module):
+    """CLIP's quick_gelu, x * sigmoid(1.702 x), with one temporary instead of three when no gradient flows
+    (CLIP is frozen): the same values bit for bit, less memory traffic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return torch.mul(x, 1.702).sigmoid_().mul_(x)
+
+
+class PatchConv2d(nn.Conv2d):
+    """CLIP's patch embedding, a convolution whose kernel equals its stride, as one matrix product over the
+    image's non-overlapping patches: the parameters (and state-dict keys) of `nn.Conv2d`, the same values
+    within float rounding. A GEMM is faster on a GPU than the convolution kernels cuDNN picks for this shape
+    (benchmarks/RESULTS.md)."""
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> PatchConv2d:
+        if (
+            conv.kernel_size != conv.stride
+            or conv.padding != (0, 0)
+            or conv.dilation != (1, 1)
+            or conv.groups != 1
+        ):
+            raise ValueError(f"not a patch embedding (kernel = stride, no padding): {conv}")
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, bias=conv.bias is not None
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, C_in, H, W]` -> `[B, C_out, H // k, W // k]` (a view of a `[B, patches, C_out]` result)."""
+        batch, channels = images.shape[:2]
+        kh, kw = self.kernel_size
+        rows, cols = images.shape[2] // kh, images.shape[3] // kw
+        patches = images[:, :, : rows * kh, : cols * kw].reshape(batch, channels, rows, kh, cols, kw)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * kh * kw)
+        embedded = F.linear(patches, self.weight.flatten(1), self.bias)
+        return embedded.transpose(1, 2).view(batch, self.out_channels, rows, cols)
+
+
+class PatchTransposedConv2d(nn.ConvTranspose2d):
+    """A transposed convolution whose kernel equals its stride: every input pixel writes its own k x k output
+    patch, so the layer is one matrix product and a reshuffle of the result. The parameters (and state-dict
+    keys) of `nn.ConvTranspose2d`, the same values within float rounding. As a matrix product it runs as one
+    GEMM forward and backward, and `torch.compile` takes the whole decoder with it, backward included."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__(in_channels, out_channels, kernel_size=stride, stride=stride)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """`[B, C_in, H, W]` -> `[B, C_out, H * k, W * k]`."""
+        batch, _, height, width = grid.shape
+        k, out = self.stride[0], self.out_channels
+        weight = self.weight.flatten(1).t()  # [C_out * k * k, C_in], rows ordered (channel, row, column)
+        bias = self.bias.repeat_interleave(k * k)
+        patches = F.linear(grid.permute(0, 2, 3, 1), weight, bias)  # [B, H, W, C_out * k * k]
+        patches = patches.view(batch, height, width, out, k, k).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(batch, out, height * k, width * k)
+
+
+def copied_outputs(graphed: Callable) -> Callable:
+    """CUDA graphs (compile mode "reduce-overhead") return tensors in memory that their next replay reuses: the
+    compiled decoder's logits would change under a caller that keeps them across steps. Copies (a few MB per
+    step) outlive the next replay; gradients still flow through them."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        return type(value)(copy(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+    @functools.wraps(graphed)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return copy(graphed(*args, **kwargs))
+
+    return call
+
+
+class TowerGraph:
+    """Both frozen towers as one CUDA graph per input shape, the text tower on a high-priority side stream beside
+    the vision tower: one launch for the towers' hundreds of kernels (the text tower's small kernels are mostly
+    launch time), and the text tower's time hidden under the vision tower's. What compile mode
+    "reduce-overhead" does to the towers on a GPU. Inputs are copied into the graph's own buffers, outputs out
+    of them (a later replay overwrites them). Each graph keeps its buffers: past `max_graphs` shapes (an
+    evaluation's batches vary in phrase count) new shapes run the compiled towers without a graph."""
+
+    def __init__(self, model: ClipSegCustomModel, max_graphs: int = 8):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None  # one memory pool for all shapes' graphs: they never run at the same time
+        self.side_stream = self.warmup_stream = None
+
+    def __call__(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        given = (pixel_values, input_ids, attention_mask)
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        # A graph reads the weights where they were at capture: moved or cast weights need a new one.
+        clip = self.model.clip
+        weights = tuple(
+            tower.embeddings.position_embedding.weight.data_ptr()
+            for tower in (clip.vision_model, clip.text_model)
+        )
+        key = (autocast, weights, *((None if t is None else (t.shape, t.dtype, t.device)) for t in given))
+        if key not in self.graphs:
+            if len(self.graphs) >= self.max_graphs:
+                return self.model.vision_activations(pixel_values), self.model.text_embeddings(*given[1:])
+            self.graphs[key] = self._capture(given)
+        graph, buffers, (activations, text) = self.graphs[key]
+        for buffer, tensor in zip(buffers, given):
+            if tensor is not None:
+                buffer.copy_(tensor)
+        graph.replay()
+        return [activation.clone() for activation in activations], text.clone()
+
+    def _towers(self, pixel_values, input_ids, attention_mask):
+        main = torch.cuda.current_stream()
+        self.side_stream.wait_stream(main)
+        with torch.cuda.stream(self.side_stream):
+            text = self.model.text_embeddings(input_ids, attention_mask)
+        activations = self.model.vision_activations(pixel_values)
+        main.wait_stream(self.side_stream)
+        return activations, text
+
+    def _capture(self, given: tuple) -> tuple:
+        pixels, input_ids, attention_mask = given
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(pixels.device, priority=-1)
+            self.warmup_stream = torch.cuda.Stream(pixels.device)
+        buffers = (
+            pixels.to(self.model.backbone_dtype, copy=True),
+            input_ids.clone(),
+            None if attention_mask is None else attention_mask.clone(),
+        )
+        # Warm up on another stream first, as CUDA graph capture requires: compiles, autotunes, allocates.
+        self.warmup_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.warmup_stream):
+            for _ in range(3):
+                self._towers(*buffers)
+        torch.cuda.current_stream().wait_stream(self.warmup_stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (a data loader's pin-memory thread) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            outputs = self._towers(*buffers)
+        self.pool = graph.pool()
+        return graph, buffers, outputs
 
 
 ClipSegCustomConfig.register_for_auto_class()

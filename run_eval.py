@@ -17,22 +17,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from accelerate import Accelerator
+from transformers.utils import logging
 
-from clipseg_tools.cli import ArgumentParser, worker_count
-from clipseg_tools.data import canonical_split, load_splits
+from clipseg_tools.cli import ArgumentParser, run_command, setup_logging, worker_count
+from clipseg_tools.data import load_splits
+from clipseg_tools.errors import CommandError
 from clipseg_tools.evaluation import EvaluationResult, evaluate
+from clipseg_tools.files import write_text_atomically
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
-from clipseg_tools.sources import model_source_problem
+from clipseg_tools.sources import local_copy_hint, model_source_problem
+
+logger = logging.get_logger(__name__)
 
 # Table 3 of the CLIPSeg paper (PhraseCut test, threshold 0.3): reference rows for the comparison.
 PAPER_ROWS = {
@@ -53,20 +55,17 @@ OFFICIAL_COLUMNS = ["count", "mean_iou", "cum_iou", "pr_0.5", "pr_0.6", "pr_0.7"
 STOCK_PREFIX = "transformers:"
 
 
-class EvaluationError(Exception):
-    """Bad input found while evaluating: printed as one message, exit code 1."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="folder or Hub id of the model to score")
     parser.add_argument("--compare", nargs="*", default=[], help="more models scored on the same samples")
-    parser.add_argument("--data_dir", help="raw PhraseCut folder (prepared with the project's builder)")
-    parser.add_argument(
+    data = parser.add_argument_group("data (give --data_dir or --dataset_name)")
+    data.add_argument("--data_dir", help="raw PhraseCut folder (prepared with the project's builder)")
+    data.add_argument(
         "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
     )
-    parser.add_argument("--split", default="test", help="the split scored")
-    parser.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
+    data.add_argument("--split", default="test", help="the split scored")
+    data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
     parser.add_argument("--max_images", type=int, default=0, help="score the first N images only (0: all)")
     parser.add_argument(
         "--batch_size", type=int, default=8, help="images per batch (all their phrases together)"
@@ -99,8 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
-    if args.batch_size < 1 or args.max_images < 0:
-        parser.error("--batch_size must be at least 1 and --max_images at least 0")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    if args.max_images < 0:
+        parser.error("--max_images must not be negative")
     if not 0 < args.official_threshold < 1:
         parser.error("--official_threshold must lie strictly between 0 and 1")
     for spec in [args.model, *args.compare]:  # all of them before scoring any
@@ -146,10 +147,9 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, Any]:
             model = ClipSegCustomModel.from_pretrained(source)
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
-        raise EvaluationError(
+        raise CommandError(
             f"--model/--compare {spec!r} is not a loadable model ({error.__class__.__name__}: {error}). Give a "
-            "folder saved by run_train.py, a CIDAS-format checkpoint, or a Hub id; without network access, "
-            "a local copy of it."
+            f"folder saved by run_train.py, a CIDAS-format checkpoint, or a Hub id ({local_copy_hint(source)})"
         ) from error
     model = model.to(device).eval()
     if stock:
@@ -164,23 +164,6 @@ def model_label(spec: str, taken: set[str]) -> str:
         label += "_"
     taken.add(label)
     return label
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_split(args: argparse.Namespace, accelerator: Accelerator) -> datasets.Dataset:
-    """The evaluation split; a split that was not prepared is named along with the ones that exist."""
-    try:
-        splits = load_splits(
-            [args.split], data_dir=args.data_dir, dataset_name=args.dataset_name, cache_dir=args.cache_dir,
-            accelerator=accelerator,
-        )  # fmt: skip
-    except ValueError as error:
-        raise EvaluationError(f"--split {args.split!r}: {error}") from error
-    return splits[canonical_split(args.split)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,20 +189,8 @@ def score(
             description=label,
             mixed_precision=args.bf16,
         )
-    except ValueError as error:
-        raise EvaluationError(f"{label}: {error}") from error
-
-
-def summary(result: EvaluationResult) -> dict[str, Any]:
-    clipseg = result.clipseg_metrics()
-    official = result.official_metrics()
-    return {
-        "clipseg_paper_protocol": clipseg,
-        "official_protocol": official,
-        "official_threshold": result.official_threshold,
-        "num_phrases": len(result.sample_ids),
-        "curves": {k: v.tolist() for k, v in result.sweep().curves().items()},
-    }
+    except CommandError as error:
+        raise CommandError(f"{label}: {error}", error.exit_code) from error
 
 
 def write_report(
@@ -253,14 +224,16 @@ def write_report(
         ]
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(output_dir / "results.md", markdown)
+    write_text_atomically(output_dir / "results.md", markdown)
     payload = {
         "split": args.split,
         "num_images": num_images,
         "models": summaries,
         "paper_reference": PAPER_ROWS,
     }
-    write_atomically(output_dir / "results.json", json.dumps(without_nan(payload), indent=2, allow_nan=False))
+    write_text_atomically(
+        output_dir / "results.json", json.dumps(without_nan(payload), indent=2, allow_nan=False)
+    )
     return markdown
 
 
@@ -275,20 +248,21 @@ def without_nan(value: Any) -> Any:
     return value
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     # float32 unless --bf16, whatever the launch configuration says: the protocol is float32.
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision="bf16" if args.bf16 else "no"
     )
+    setup_logging(accelerator.is_main_process)
     output_dir = Path(args.output_dir)
-    split = load_split(args, accelerator)
+    (split,) = load_splits(
+        {"--split": args.split},
+        data_dir=args.data_dir,
+        dataset_name=args.dataset_name,
+        cache_dir=args.cache_dir,
+        accelerator=accelerator,
+    )
     num_images = min(args.max_images, len(split)) if args.max_images else len(split)
 
     summaries, taken = {}, set()
@@ -296,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         label = model_label(spec, taken)
         model, processor = load_model(spec, accelerator.device)
         result = score(model, processor, split, args, accelerator, label)
-        summaries[label] = summary(result)
+        summaries[label] = result.summary()
         if accelerator.is_main_process and args.gallery_max:
             folder = write_gallery(
                 output_dir / "gallery" / label, model, processor, split, result, limit=args.gallery_max
@@ -305,15 +279,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         del model
     if accelerator.is_main_process:
         markdown = write_report(output_dir, args, summaries, num_images)
-        print(markdown)
+        print(markdown)  # the command's output; where it was written goes to the log
         gallery = f", {output_dir / 'gallery'}/ (failure pictures)" if args.gallery_max else ""
-        print(f"\nWritten: {output_dir / 'results.md'}, {output_dir / 'results.json'}{gallery}")
+        logger.info(f"Written: {output_dir / 'results.md'}, {output_dir / 'results.json'}{gallery}")
     return summaries
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EvaluationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_command(main)

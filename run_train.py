@@ -1,37 +1,30 @@
-"""Train a CLIPSeg decoder on PhraseCut (or data in its format) with Accelerate.
+"""Train a CLIPSeg decoder on PhraseCut (or data in its form) with Accelerate.
 
-    accelerate launch run_train.py --data_dir /data/VGPhraseCut_v0 --output_dir ./out
+    accelerate launch --config_file accelerate_config.yaml run_train.py --data_dir data/VGPhraseCut_v0 --output_dir out
+    python run_train.py --demo --output_dir demo_output      # offline: synthetic data and a small CLIP
 
-One script for one CPU, one or many GPUs and many machines; mixed precision and the number of processes
-come from the Accelerate config (`accelerate launch --config_file accelerate_config.yaml ...`).
-`python run_train.py --demo` runs the whole job offline on synthetic data with a small CLIP.
-
-Read top to bottom: arguments -> pieces (data, model, optimizer, checkpoints) -> loop -> save, card, push.
+One script for one CPU, one or many GPUs and many machines: mixed precision and the number of processes come
+from the Accelerate config. Read top to bottom: the arguments, their checks, `main` (the pieces), the training
+loop, evaluation, and saving and sharing the model. The pieces themselves (samples and batches, the loader,
+the training step, checkpoints, the Hub) are library modules in `clipseg_tools/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import os
+import re
 import shutil
-import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
-import transformers
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from clipseg_tools.batching import (
     EpochSampler,
@@ -39,65 +32,98 @@ from clipseg_tools.batching import (
     TrainingOptions,
     TrainingSamples,
     collate_training,
-    model_inputs,
 )
-from clipseg_tools.cli import ArgumentParser, worker_count
-from clipseg_tools.data import canonical_split, load_splits
+from clipseg_tools.checkpoints import (
+    STAYS_LOCAL,
+    find_checkpoint,
+    is_checkpoint,
+    keep_decoder_only,
+    load_checkpoint,
+    save_checkpoint,
+)
+from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
+from clipseg_tools.data import load_splits, shrink_images
+from clipseg_tools.errors import CommandError
 from clipseg_tools.evaluation import evaluate
-from clipseg_tools.handover import SharedBatchRing
+from clipseg_tools.files import atomic_folder, removed_if_left_empty
+from clipseg_tools.hub import hub_access_problem, push_folder
+from clipseg_tools.loader import create_loader
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
-from clipseg_tools.sources import model_source_problem
-from modeling_clipseg_custom import ClipSegCustomModel, make_processor
-from phrasecut_dataset import shrink_images
-
-logger = get_logger(__name__)
-
-CHECKPOINT_PREFIX = "step_"
-STATE_FILE = "trainer_state.json"
-# Flags that shape a new decoder; a checkpoint given with --model_name_or_path brings its own.
-ARCHITECTURE_FLAGS = (
-    "image_size",
-    "reduce_dim",
-    "extract_layers",
-    "decoder_intermediate_size",
-    "decoder_num_attention_heads",
-    "plain_head",
-    "init_output_bias",
+from clipseg_tools.sources import local_copy_hint, model_source_problem
+from clipseg_tools.training import (
+    LossTally,
+    TrainerState,
+    backbone_dtype_for,
+    count_skipped_steps,
+    decoder_checksums,
+    learning_rate_factor,
+    make_optimizer,
+    prepare_for_training,
+    read_tally,
+    training_step,
 )
+from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+
+logger = logging.get_logger(__name__)
+
+# Flags that shape a new decoder, by the config field each sets; a checkpoint given with --model_name_or_path
+# brings its own.
+ARCHITECTURE_FLAGS = {
+    "image_size": "image_size",
+    "reduce_dim": "reduce_dim",
+    "extract_layers": "extract_layers",
+    "decoder_intermediate_size": "decoder_intermediate_size",
+    "decoder_num_attention_heads": "decoder_num_attention_heads",
+    "plain_head": "use_complex_transposed_convolution",
+    "init_output_bias": None,
+}
 
 
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Arguments
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    add_data_arguments(parser.add_argument_group("data (give --data_dir or --dataset_name)"))
+    add_model_arguments(parser.add_argument_group("model"))
+    add_recipe_arguments(parser.add_argument_group("training recipe (defaults: the CLIPSeg paper's)"))
+    add_run_arguments(parser.add_argument_group("output, checkpoints, evaluation, logging"))
+    add_sharing_arguments(parser.add_argument_group("sharing on the Hugging Face Hub"))
+    demo = parser.add_argument_group("offline demo")
+    demo.add_argument(
+        "--demo", action="store_true", help="train on synthetic data with a small CLIP, offline (see README)"
+    )
+    demo.add_argument("--demo_images", type=int, default=1200, help="synthetic training images for --demo")
+    return parser
+
+
+def add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--data_dir", help="raw PhraseCut folder (refer_*.json, image_data_split.json, images/)"
     )
-    data.add_argument(
+    group.add_argument(
         "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
     )
-    data.add_argument("--train_split", default="train", help="the split trained on")
-    data.add_argument(
+    group.add_argument("--train_split", default="train", help="the split trained on")
+    group.add_argument(
         "--validation_split", default="validation", help="the split evaluated on (during and after training)"
     )
-    data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
-    data.add_argument(
+    group.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
+    group.add_argument(
         "--skip_bad_samples",
         action="store_true",
         help="when preparing --data_dir, skip (and count) broken entries",
     )
-    data.add_argument(
+    group.add_argument(
         "--dataloader_num_workers",
         type=int,
-        help="data-loader worker processes per training process (default: this machine's CPUs shared among "
-        "its training processes, less one each, at most 16; 0 loads in the training process)",
+        help="data-loader worker processes per training process (default: this machine's CPUs shared among its "
+        "training processes, less one each, at most 16; 0 loads in the training process)",
     )
-    data.add_argument(
+    group.add_argument(
         "--shrink_train_images",
         action="store_true",
         help="store the training images once at the model's size (short side --image_size, polygons scaled): "
@@ -105,143 +131,152 @@ def build_parser() -> argparse.ArgumentParser:
         "images are then cut from the smaller images too)",
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_name_or_path", help="fine-tune a checkpoint of ours or a CIDAS one")
-    model.add_argument(
+
+def add_model_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--model_name_or_path", help="fine-tune a checkpoint of ours or a CIDAS one")
+    group.add_argument(
         "--clip_model_name_or_path",
         default="openai/clip-vit-base-patch16",
         help="start a new decoder on this CLIP (used when --model_name_or_path is not given)",
     )
-    model.add_argument("--image_size", type=int, default=352, help="input size of a new model (pixels)")
-    model.add_argument("--reduce_dim", type=int, default=64, help="width of a new decoder (rd64, rd16)")
-    model.add_argument(
+    group.add_argument("--image_size", type=int, default=352, help="input size of a new model (pixels)")
+    group.add_argument("--reduce_dim", type=int, default=64, help="width of a new decoder (rd64, rd16)")
+    group.add_argument(
         "--extract_layers",
         type=int,
         nargs="+",
         default=[3, 6, 9],
         help="CLIP vision layers the decoder reads",
     )
-    model.add_argument("--decoder_intermediate_size", type=int, default=2048, help="decoder MLP width")
-    model.add_argument("--decoder_num_attention_heads", type=int, default=4, help="decoder attention heads")
-    model.add_argument(
+    group.add_argument("--decoder_intermediate_size", type=int, default=2048, help="decoder MLP width")
+    group.add_argument("--decoder_num_attention_heads", type=int, default=4, help="decoder attention heads")
+    group.add_argument(
         "--plain_head", action="store_true", help="one transposed convolution, not the refined head"
     )
-    model.add_argument("--decoder_dropout", type=float, default=0.1, help="dropout in the decoder blocks")
-    model.add_argument(
+    group.add_argument("--decoder_dropout", type=float, default=0.1, help="dropout in the decoder blocks")
+    group.add_argument(
+        "--init_output_bias",
+        type=float,
+        help="start a new decoder's output bias at this logit (e.g. the foreground prior, about -2.5)",
+    )
+    group.add_argument(
         "--backbone_dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
         help="dtype the frozen CLIP computes in during training (auto: the mixed precision's, else float32); "
         "the saved model keeps the starting float32 CLIP",
     )
-    model.add_argument(
+    group.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the frozen CLIP towers and the decoder with its loss (the first steps compile)",
     )
-    model.add_argument(
+    group.add_argument(
         "--compile_mode",
         choices=["default", "reduce-overhead"],
         default="default",
         help="torch.compile mode with --compile; reduce-overhead replays CUDA graphs (GPU, one optimizer step "
         "per batch: no --gradient_accumulation_steps)",
     )
-    model.add_argument(
-        "--init_output_bias",
-        type=float,
-        help="start a new decoder's output bias at this logit (e.g. the foreground prior, about -2.5)",
-    )
 
-    recipe = parser.add_argument_group("training recipe (defaults: the CLIPSeg paper)")
-    recipe.add_argument(
+
+def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--per_device_train_batch_size", type=int, default=64, help="phrases per device and step"
     )
-    recipe.add_argument(
+    group.add_argument(
         "--phrases_per_image", type=int, default=1, help="phrases drawn per image (one vision pass)"
     )
-    recipe.add_argument("--max_train_steps", type=int, default=20_000, help="optimizer steps")
-    recipe.add_argument(
+    group.add_argument("--max_train_steps", type=int, default=20_000, help="optimizer steps")
+    group.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step"
     )
-    recipe.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    recipe.add_argument(
-        "--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends"
-    )
-    recipe.add_argument(
+    group.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    group.add_argument("--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends")
+    group.add_argument(
         "--lr_scheduler_type",
         choices=["cosine", "linear", "constant"],
         default="cosine",
         help="schedule after warm-up",
     )
-    recipe.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    recipe.add_argument(
-        "--weight_decay", type=float, default=0.01, help="AdamW weight decay (the original's 0.01)"
+    group.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
+    group.add_argument(
+        "--weight_decay",
+        type=float,
+        default=1e-4,
+        help="AdamW weight decay: the recipe's --wd (the original CLIPSeg code ignored that flag and trained "
+        "with PyTorch's default, 0.01)",
     )
-    recipe.add_argument("--adam_beta1", type=float, default=0.9)
-    recipe.add_argument("--adam_beta2", type=float, default=0.999)
-    recipe.add_argument("--adam_epsilon", type=float, default=1e-8)
-    recipe.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (off by default)")
-    recipe.add_argument(
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (off by default)")
+    group.add_argument(
         "--negative_prob",
         type=float,
         default=0.2,
         help="chance a phrase is swapped for one absent from the image (empty mask)",
     )
-    recipe.add_argument(
+    group.add_argument(
         "--prompt_template",
         choices=sorted(TEMPLATES),
         default="shuffle+",
         help="the original's prompt templates",
     )
-    recipe.add_argument(
+    group.add_argument(
         "--no_random_crop", action="store_true", help="squash whole images instead of square crops"
     )
-    recipe.add_argument(
+    group.add_argument(
         "--mix_visual_prompts", action="store_true", help="PC+: mix text with example-image prompts"
     )
-    recipe.add_argument(
+    group.add_argument(
         "--mix_text_min", type=float, default=0.0, help="PC+: least weight of the text embedding"
     )
-    recipe.add_argument(
+    group.add_argument(
         "--mix_text_max", type=float, default=0.5, help="PC+: most weight of the text embedding"
     )
-    recipe.add_argument(
+    group.add_argument(
         "--max_nonfinite_losses",
         type=int,
         default=10,
         help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log)",
     )
-    recipe.add_argument(
+    group.add_argument(
         "--seed", type=int, default=42, help="seeds the model, the data order and the augmentation"
     )
 
-    run = parser.add_argument_group("checkpoints, evaluation, logging, sharing")
-    run.add_argument("--output_dir", required=True, help="where the model, its card, checkpoints and logs go")
-    run.add_argument(
+
+def add_run_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--output_dir", required=True, help="where the model, its card, checkpoints and logs go"
+    )
+    group.add_argument(
         "--overwrite_output_dir", action="store_true", help="start afresh in an --output_dir that holds a run"
     )
-    run.add_argument("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
-    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
-    run.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
-    run.add_argument(
+    group.add_argument(
+        "--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps"
+    )
+    group.add_argument("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
+    group.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    group.add_argument(
         "--eval_steps", type=int, default=1000, help="evaluate every N steps (0: only at the end)"
     )
-    run.add_argument("--max_eval_images", type=int, default=500, help="validation images used (0: all)")
-    run.add_argument("--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch")
-    run.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    run.add_argument("--with_tracking", action="store_true", help="log to the trackers of --report_to")
-    run.add_argument(
+    group.add_argument("--max_eval_images", type=int, default=500, help="validation images used (0: all)")
+    group.add_argument(
+        "--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch"
+    )
+    group.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
+    group.add_argument("--with_tracking", action="store_true", help="log to the trackers of --report_to")
+    group.add_argument(
         "--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard"
     )
-    run.add_argument("--push_to_hub", action="store_true", help="upload the saved model folder at the end")
-    run.add_argument("--hub_model_id", help="namespace/name of the model repository")
-    run.add_argument("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
-    run.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
-    run.add_argument(
-        "--demo", action="store_true", help="offline end-to-end demo on synthetic data (see README)"
-    )
-    run.add_argument("--demo_images", type=int, default=1200, help="synthetic training images for --demo")
-    return parser
+
+
+def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--push_to_hub", action="store_true", help="upload the saved model folder at the end")
+    group.add_argument("--hub_model_id", help="namespace/name of the model repository")
+    group.add_argument("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
+    group.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -257,60 +292,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--demo brings its own data, CLIP and recipe: a flag it would silently override is refused."""
-    from clipseg_tools.demo import DEMO_RECIPE
-
-    overridden = (
-        *DEMO_RECIPE,
-        "data_dir",
-        "dataset_name",
-        "cache_dir",
-        "model_name_or_path",
-        "clip_model_name_or_path",
-    )
-    given = [f"--{key}" for key in overridden if getattr(args, key) != parser.get_default(key)]
-    if given:
-        parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
-    check_run_args(parser, args)
-    check_push(parser, args)
-
-
-def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What a demo and any other run both check: resuming, the output folder, the push's repository name."""
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not (Path(args.resume_from_checkpoint) / STATE_FILE).is_file():
-            parser.error(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
-                f"{STATE_FILE}); pass 'latest' or a {CHECKPOINT_PREFIX}N folder under <output_dir>/checkpoints"
-            )
-    out = Path(args.output_dir)
-    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        parser.error(
-            f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
-            "or --overwrite_output_dir to start over"
-        )
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id namespace/name")
-
-
-def check_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A push that cannot work is found before training, not after it. One process asks the Hub (its
-    account endpoint is rate-limited); when it stops, the launcher stops the others."""
-    if args.push_to_hub and os.environ.get("RANK", "0") == "0":
-        problem = hub_access_problem(args.hub_token)
-        if problem:
-            parser.error(f"--push_to_hub: {problem}")
+# ----------------------------------------------------------------------------------------------------------
+# Checks: every flag refused with one sentence that names it, before any work (exit code 2)
+# ----------------------------------------------------------------------------------------------------------
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject bad values and combinations with one sentence naming the flag (exit code 2)."""
     if bool(args.data_dir) == bool(args.dataset_name):
         parser.error(
             "give exactly one of --data_dir (raw PhraseCut folder) or --dataset_name (prepared export)"
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    check_values(parser, args)
+    if args.model_name_or_path:
+        changed = [flag for flag in ARCHITECTURE_FLAGS if getattr(args, flag) != parser.get_default(flag)]
+        if changed:
+            parser.error(
+                f"--{changed[0]} shapes a new decoder; with --model_name_or_path the checkpoint brings its own "
+                "architecture (drop the flag, or start from --clip_model_name_or_path)"
+            )
+    check_run_args(parser, args)
+    flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
+    problem = model_source_problem(getattr(args, flag))  # late: it may ask the Hub
+    if problem:
+        parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
+    check_push(parser, args)
+
+
+def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     at_least_one = (
         "max_train_steps",
         "per_device_train_batch_size",
@@ -323,12 +333,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in at_least_one:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    for flag in (
-        "num_warmup_steps",
-        "max_eval_images",
-        "eval_steps",
-        "checkpoints_total_limit",
-    ):
+    for flag in ("num_warmup_steps", "max_eval_images", "eval_steps", "checkpoints_total_limit"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative")
     if args.per_device_train_batch_size % args.phrases_per_image:
@@ -353,61 +358,165 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             "--compile_mode reduce-overhead takes one batch per optimizer step: drop --gradient_accumulation_steps "
             "(or use the default mode)"
         )
-    if args.model_name_or_path:
-        changed = [f for f in ARCHITECTURE_FLAGS if getattr(args, f) != parser.get_default(f)]
-        if changed:
-            parser.error(
-                f"--{changed[0]} shapes a new decoder; with --model_name_or_path the checkpoint brings its own "
-                "architecture (drop the flag, or start from --clip_model_name_or_path)"
-            )
+
+
+def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--demo brings its own data, CLIP and recipe: a flag it would silently override is refused."""
+    from clipseg_tools.demo import DEMO_RECIPE
+
+    overridden = (
+        *DEMO_RECIPE,
+        "data_dir",
+        "dataset_name",
+        "cache_dir",
+        "model_name_or_path",
+        "clip_model_name_or_path",
+    )
+    given = [f"--{key}" for key in overridden if getattr(args, key) != parser.get_default(key)]
+    if given:
+        parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
     check_run_args(parser, args)
-    # Last, as these ask the Hub.
-    flag = "model_name_or_path" if args.model_name_or_path else "clip_model_name_or_path"
-    problem = model_source_problem(getattr(args, flag))
-    if problem:
-        parser.error(f"--{flag} {getattr(args, flag)}: {problem}")
     check_push(parser, args)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pieces: model, schedule, checkpoints
-# ----------------------------------------------------------------------------------------------------
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What a demo and any other run both check: resuming, the output folder, the push's repository name."""
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        if not is_checkpoint(Path(args.resume_from_checkpoint)):
+            parser.error(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
+                "trainer_state.json); pass 'latest' or a step_N folder under <output_dir>/checkpoints"
+            )
+    out = Path(args.output_dir)
+    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        parser.error(
+            f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
+            "or --overwrite_output_dir to start over"
+        )
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id namespace/name")
 
 
-def offline_hint(source: str, error: Exception) -> OSError:
-    return OSError(
-        f"could not load {source!r} ({error.__class__.__name__}: {error}); without network access, pass the "
-        "path of a local copy (e.g. made by `hf download` on a machine that has one)"
+def check_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A push that cannot work is found before training, not after it. One process asks the Hub (its
+    account endpoint is rate-limited); when it stops, the launcher stops the others."""
+    if args.push_to_hub and os.environ.get("RANK", "0") == "0":
+        problem = hub_access_problem(args.hub_token)
+        if problem:
+            parser.error(f"--push_to_hub: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main: the pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
     )
+    setup_logging(accelerator.is_main_process)
+    if args.demo:
+        from clipseg_tools.demo import prepare_demo
+
+        args = prepare_demo(args)  # its data and small CLIP, made once (cached), and its recipe
+    with removed_if_left_empty(args.output_dir, accelerator.is_main_process):
+        return train(args, accelerator)
+
+
+def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    """Build the pieces, train, evaluate, save, share; returns `all_results.json`'s content."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process and args.overwrite_output_dir and not args.resume_from_checkpoint:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+
+    model, processor = build_model(args)
+    train_split, eval_split = load_data(args, accelerator, model.config.image_size)
+    samples, train_loader = training_data(args, accelerator, model, processor, train_split)
+    # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
+    # kernels for the head's 3x3 convolution.
+    torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    backbone_dtype = backbone_dtype_for(args.backbone_dtype, accelerator.mixed_precision)
+    if backbone_dtype != torch.float32:
+        model.cast_backbone(backbone_dtype)
+    if args.compile:
+        mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
+        model.compile_backbone(**mode).compile_decoder(**mode)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    betas = (args.adam_beta1, args.adam_beta2)
+    optimizer = make_optimizer(trainable, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+    schedule = partial(
+        learning_rate_factor,
+        total_steps=args.max_train_steps,
+        warmup_steps=args.num_warmup_steps,
+        schedule=args.lr_scheduler_type,
+        floor=args.min_learning_rate / args.learning_rate,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model, optimizer, train_loader = prepare_for_training(accelerator, model, optimizer, train_loader)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by the loop
+    keep_decoder_only(accelerator)
+
+    state = TrainerState(
+        model_source=model_source(args),
+        backbone_dtype=str(backbone_dtype).removeprefix("torch."),
+        shrink_train_images=args.shrink_train_images,
+    )
+    if args.resume_from_checkpoint:
+        state = load_checkpoint(accelerator, find_checkpoint(args.resume_from_checkpoint, output_dir), state)
+    if args.with_tracking:
+        scalars = {
+            k: v
+            for k, v in training_config(args, accelerator).items()
+            if isinstance(v, int | float | str | bool)
+        }
+        accelerator.init_trackers("clipseg_finetune", scalars)
+    log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable)
+
+    evaluator = partial(run_evaluation, args, accelerator, split=eval_split, processor=processor)
+    train_loop(args, accelerator, model, optimizer, scheduler, train_loader, state, evaluator)
+    return finish(args, accelerator, model, processor, eval_split, state)
 
 
 def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
     """A checkpoint to fine-tune, or a new decoder on a CLIP; the processor comes with it."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    if args.model_name_or_path:
-        source = args.model_name_or_path
-        try:
-            model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
-            processor = AutoProcessor.from_pretrained(source)
-        except OSError as error:
-            raise offline_hint(source, error) from error
-        return model, processor
-    source = args.clip_model_name_or_path
-    model = ClipSegCustomModel.from_clip(
-        source,
-        image_size=args.image_size,
-        reduce_dim=args.reduce_dim,
-        extract_layers=args.extract_layers,
-        decoder_intermediate_size=args.decoder_intermediate_size,
-        decoder_num_attention_heads=args.decoder_num_attention_heads,
-        use_complex_transposed_convolution=not args.plain_head,
-        decoder_dropout=args.decoder_dropout,
-    )
+    source = model_source(args)
     try:
+        if args.model_name_or_path:
+            model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
+            return model, AutoProcessor.from_pretrained(source)
+        model = ClipSegCustomModel.from_clip(
+            source,
+            image_size=args.image_size,
+            reduce_dim=args.reduce_dim,
+            extract_layers=args.extract_layers,
+            decoder_intermediate_size=args.decoder_intermediate_size,
+            decoder_num_attention_heads=args.decoder_num_attention_heads,
+            use_complex_transposed_convolution=not args.plain_head,
+            decoder_dropout=args.decoder_dropout,
+        )
         processor = make_processor(AutoTokenizer.from_pretrained(source), args.image_size)
     except OSError as error:
-        raise offline_hint(source, error) from error
+        raise CommandError(
+            f"{source!r} could not be loaded ({error.__class__.__name__}: {error}); {local_copy_hint(source)}"
+        ) from error
+    except ValueError as error:  # the config's own check names its fields: name the flags that set them
+        message = str(error).removeprefix("Invalid ClipSegCustomConfig: ")
+        for flag, field in ARCHITECTURE_FLAGS.items():
+            if field and flag != "plain_head":
+                message = re.sub(rf"\b{field}\b", f"--{flag}", message)
+        raise CommandError(
+            f"{message.rstrip('.')} (with the CLIP of --clip_model_name_or_path {source})"
+        ) from error
     if args.init_output_bias is not None:
         head = model.decoder.transposed_convolution
         last = head[-1] if isinstance(head, torch.nn.Sequential) else head
@@ -416,11 +525,8 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
     return model, processor
 
 
-def resolve_backbone_dtype(choice: str, mixed_precision: str) -> torch.dtype:
-    """--backbone_dtype: 'auto' follows the mixed precision (the frozen CLIP needs no float32 master copy)."""
-    if choice == "auto":
-        choice = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32")
-    return getattr(torch, choice)
+def model_source(args: argparse.Namespace) -> str:
+    return args.model_name_or_path or args.clip_model_name_or_path
 
 
 def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any) -> ClipSegCustomModel:
@@ -436,244 +542,24 @@ def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any
     return fresh.to(accelerator.device).eval()
 
 
-def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW, fused: one kernel for all the decoder's parameters, and it can skip a step on the device's
-    word (`found_inf`), which lets `train_batch` drop a non-finite step without waiting for the device."""
-    return torch.optim.AdamW(
-        trainable,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
-        weight_decay=args.weight_decay,
-        fused=True,
-    )
-
-
-def prepare_for_training(
-    accelerator: Accelerator, model: Any, optimizer: Any, train_loader: DataLoader
-) -> tuple:
-    """Accelerate's preparation, except that the loader's batches stay on the host (pinned on a GPU machine):
-    `model_inputs` copies them without blocking, where Accelerate's placement copies them blocking, which
-    waits for the device's queue to drain (the previous step) before every batch."""
-    return accelerator.prepare(model, optimizer, train_loader, device_placement=[None, None, False])
-
-
-def lr_lambda(step: int, args: argparse.Namespace) -> float:
-    """Multiplier of the learning rate: optional linear warm-up, then cosine (or linear) down to the floor."""
-    if step < args.num_warmup_steps:
-        return (step + 1) / args.num_warmup_steps
-    if args.lr_scheduler_type == "constant":
-        return 1.0
-    progress = min(1.0, (step - args.num_warmup_steps) / max(1, args.max_train_steps - args.num_warmup_steps))
-    floor = args.min_learning_rate / args.learning_rate
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_scheduler_type == "cosine" else 1 - progress
-    return floor + (1 - floor) * shape
-
-
-def decoder_only_checkpoints(accelerator: Accelerator) -> None:
-    """Checkpoints hold the trainable decoder (MBs), not the frozen CLIP (hundreds of MBs each); a resumed
-    run gets CLIP back from the same source it started from."""
-
-    def is_decoder(key: str) -> bool:
-        return key.removeprefix("module.").startswith("decoder.")
-
-    def keep_decoder(models: list, weights: list, output_dir: str) -> None:
-        for i, state in enumerate(weights):
-            weights[i] = {key: value for key, value in state.items() if is_decoder(key)}
-
-    def load_decoder(models: list, input_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
-            decoder = {key.removeprefix("module.").removeprefix("decoder."): v for key, v in state.items()}
-            accelerator.unwrap_model(model).decoder.load_state_dict(decoder, strict=True)
-        models.clear()  # loaded here; Accelerate must not load them again
-
-    accelerator.register_save_state_pre_hook(keep_decoder)
-    accelerator.register_load_state_pre_hook(load_decoder)
-
-
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (an interrupted save never gets its final name)."""
-    root = output_dir / "checkpoints"
-    found = (
-        [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
-    )
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> Path:
-    """`save_state` into a temporary folder, then rename it: a killed save leaves no half checkpoint."""
-    root = output_dir / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{state['step']}"
-    partial_dir = root / f".partial_{CHECKPOINT_PREFIX}{state['step']}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial_dir))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial_dir, final)
-        for old in checkpoint_dirs(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved checkpoint {final}")
-    return final
-
-
-def resume(
-    accelerator: Accelerator, args: argparse.Namespace, output_dir: Path, settings: dict[str, Any]
-) -> dict[str, Any]:
-    """Load the checkpoint and return its training state (step, batches consumed, log, ...). `settings` (what
-    changes the numbers without changing the weights' shapes) must be those the checkpoint was trained with."""
-    if args.resume_from_checkpoint == "latest":
-        found = checkpoint_dirs(output_dir)
-        if not found:
-            raise ValueError(
-                f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}"
-            )
-        checkpoint = found[-1]
-    else:
-        checkpoint = Path(args.resume_from_checkpoint)
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    if state["model_source"] != model_source(args):
-        raise ValueError(
-            f"--resume_from_checkpoint {checkpoint} was trained from {state['model_source']!r}, this run starts "
-            f"from {model_source(args)!r}: give the same --model_name_or_path / --clip_model_name_or_path"
-        )
-    for flag, value in settings.items():
-        if flag in state and state[flag] != value:
-            raise ValueError(
-                f"--resume_from_checkpoint {checkpoint} was trained with --{flag} {state[flag]}, this run has "
-                f"{value}: give the same value to continue it exactly"
-            )
-    accelerator.load_state(str(checkpoint))
-    accelerator.print(f"Resumed from {checkpoint} at step {state['step']}")
-    return state
-
-
-def model_source(args: argparse.Namespace) -> str:
-    return args.model_name_or_path or args.clip_model_name_or_path
-
-
-def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "card_notes")}
-    config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
-    config["total_batch_size"] = (
-        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    )
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------------
-
-
-def prompt_inputs(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The prompts as the model takes them: phrases alone go in as tokens (the model then runs both towers
-    together, in one CUDA graph with --compile_mode reduce-overhead); with example images (PC+), mixed
-    embeddings.
-
-    The tokens go without their attention mask: CLIP's text tower is causal and pools at the end token, so
-    the padding after it (`tokenize` pads on the right) changes nothing, while a mask costs a wait for the
-    device every step (transformers reads it to choose its attention path)."""
-    if "visual_pixel_values" not in batch:
-        return {"input_ids": batch["input_ids"]}
-    return {"conditional_embeddings": conditional_embeddings(model, batch)}
-
-
-def conditional_embeddings(model: ClipSegCustomModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Text embeddings, mixed with example-image embeddings for the phrases that have one (PC+).
-
-    Which phrases those are comes from the host (`visual_index`, its length a shape), so nothing is read
-    back from the device; the tokens go without their mask, as in `prompt_inputs`."""
-    embeddings = model.text_embeddings(batch["input_ids"])
-    if not len(batch["visual_pixel_values"]):  # no phrase of this batch has an example image
-        return embeddings
-    index = batch["visual_index"]
-    weight = batch["text_weight"].to(embeddings.dtype).index_select(0, index)[:, None]
-    images = model.image_embeddings(batch["visual_pixel_values"]).to(embeddings.dtype)
-    mixed = weight * embeddings.index_select(0, index) + (1 - weight) * images
-    return embeddings.index_copy(0, index, mixed)
-
-
-def run_evaluation(args, accelerator, model, split, processor, description) -> dict[str, float]:
-    """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
-    swapped for the starting float32 one), every phrase counted once."""
-    unwrapped = float32_model(args, accelerator, model)
-    rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
-    try:
-        result = evaluate(
-            unwrapped,
-            split,
-            processor.tokenizer,
-            accelerator,
-            image_size=unwrapped.config.image_size,
-            batch_size=args.per_device_eval_batch_size,
-            rows=rows,
-            num_workers=args.dataloader_num_workers,
-            description=description,
-        )
-    finally:
-        torch.backends.cudnn.benchmark = autotune
-    metrics = result.clipseg_metrics()
-    metrics.update({f"official_{k}": v for k, v in result.official_metrics()["all"].items()})
-    metrics["images"] = len(rows) if rows is not None else len(split)
-    metrics["samples"] = len(result.sample_ids)  # phrases scored, each exactly once across processes
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.demo:
-        from clipseg_tools.demo import prepare_demo
-
-        args = prepare_demo(args)
-    output_dir = Path(args.output_dir)
-
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if args.with_tracking else None,
-        project_dir=str(output_dir),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # Its five lines per checkpoint name the temporary folder the checkpoint is renamed from; one line says where
-    # each checkpoint is (`save_checkpoint`).
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
-    logger.info(accelerator.state, main_process_only=False)
-    if not accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-    if accelerator.is_main_process and args.overwrite_output_dir and not args.resume_from_checkpoint:
-        shutil.rmtree(output_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(args.seed)
-
-    # --- pieces ---
-    model, processor = build_model(args)
-    splits = load_splits(
-        [args.train_split, args.validation_split],
+def load_data(args: argparse.Namespace, accelerator: Accelerator, image_size: int) -> tuple[Any, Any]:
+    """The training and validation splits (the first process prepares them, the others read the cache)."""
+    train_split, eval_split = load_splits(
+        {"--train_split": args.train_split, "--validation_split": args.validation_split},
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
     )
-    train_split, eval_split = (
-        splits[canonical_split(args.train_split)],
-        splits[canonical_split(args.validation_split)],
-    )
     if args.shrink_train_images:
         with accelerator.main_process_first():
-            train_split = shrink_images(
-                train_split, model.config.image_size, num_proc=args.dataloader_num_workers or None
-            )
+            train_split = shrink_images(train_split, image_size, num_proc=args.dataloader_num_workers or None)
+    return train_split, eval_split
+
+
+def training_data(args, accelerator, model, processor, split) -> tuple[TrainingSamples, Any]:
+    """The training samples (uniform over phrases) and their loader."""
     options = TrainingOptions(
         image_size=model.config.image_size,
         phrases_per_image=args.phrases_per_image,
@@ -685,380 +571,251 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mix_text_max=args.mix_text_max,
         seed=args.seed,
     )
-    samples = TrainingSamples(train_split, PhraseIndex.from_dataset(train_split), options)
+    samples = TrainingSamples(split, PhraseIndex.from_dataset(split), options)
     images_per_batch = args.per_device_train_batch_size // args.phrases_per_image
     if len(samples) < images_per_batch * accelerator.num_processes:
-        raise ValueError(f"the training split has {len(samples)} phrases, fewer than one batch")
-    on_gpu = accelerator.device.type == "cuda"
-    train_loader = DataLoader(
+        raise CommandError(f"the training split has {plural(len(samples), 'phrase')}, fewer than one batch")
+    collate = partial(
+        collate_training,
+        tokenizer=processor.tokenizer,
+        max_length=model.config.text_config.max_position_embeddings,
+        # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
+        pad_to_multiple_of=16 if args.compile else None,
+        pack_labels=True,
+    )
+    loader = create_loader(
         samples,
+        collate,
         batch_size=images_per_batch,
+        device=accelerator.device,
+        num_workers=args.dataloader_num_workers,
         sampler=EpochSampler(len(samples), args.seed),
         drop_last=True,
-        # Its own generator: starting an epoch's iterator must not draw from the global RNG (dropout's),
-        # or a resumed run would drift from the uninterrupted one.
-        generator=torch.Generator().manual_seed(args.seed),
-        num_workers=args.dataloader_num_workers,
-        persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=on_gpu,
-        # Workers hand batches over through buffers they reuse (`SharedBatchRing`): the main process maps
-        # each once and copies batches out, into pinned memory on a GPU, with no page faults per batch.
-        collate_fn=SharedBatchRing(
-            partial(
-                collate_training,
-                tokenizer=processor.tokenizer,
-                max_length=model.config.text_config.max_position_embeddings,
-                # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
-                pad_to_multiple_of=16 if args.compile else None,
-                pack_labels=True,
-            ),
-            pin_memory=on_gpu,
-        ),
+        persistent_workers=True,
+        seed=args.seed,
     )
-    # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
-    # kernels for the head's 3x3 convolution (it gave about 10% of a step on an H200 when the head's
-    # transposed convolutions were cuDNN's too, benchmarks/RESULTS.md).
-    torch.backends.cudnn.benchmark = torch.cuda.is_available()
-    backbone_dtype = resolve_backbone_dtype(args.backbone_dtype, accelerator.mixed_precision)
-    if backbone_dtype != torch.float32:
-        model.cast_backbone(backbone_dtype)
-    if args.compile:
-        mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
-        model.compile_backbone(**mode).compile_decoder(**mode)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, args=args))
-    model, optimizer, train_loader = prepare_for_training(accelerator, model, optimizer, train_loader)
-    # Stepped once per optimizer step by us (Accelerate would step a prepared one once per process).
-    accelerator.register_for_checkpointing(scheduler)
-    decoder_only_checkpoints(accelerator)
+    return samples, loader
 
-    state = {"step": 0, "consumed_batches": 0, "nonfinite_losses": 0, "log_history": []}
-    settings = {
-        "backbone_dtype": str(backbone_dtype).removeprefix("torch."),
-        "shrink_train_images": args.shrink_train_images,
-    }
-    if args.resume_from_checkpoint:
-        state = resume(accelerator, args, output_dir, settings)
-    state["model_source"] = model_source(args)
-    state.update(settings)
-    if args.with_tracking:
-        scalars = {
-            k: v
-            for k, v in training_config(args, accelerator).items()
-            if isinstance(v, int | float | str | bool)
-        }
-        accelerator.init_trackers("clipseg_finetune", scalars)
 
-    accelerator.print(
-        f"Training: {len(samples)} phrases in {len(train_split)} images; {args.max_train_steps} steps of "
-        f"{training_config(args, accelerator)['total_batch_size']} phrases ({accelerator.num_processes} processes "
-        f"x {args.per_device_train_batch_size} x {args.gradient_accumulation_steps} accumulation); trainable "
-        f"parameters {sum(p.numel() for p in trainable):,}"
+def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "card_notes")}
+    config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
+    config["total_batch_size"] = (
+        args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     )
-    train_loop(
-        args, accelerator, model, optimizer, scheduler, train_loader, trainable, eval_split, processor, state
-    )
-
-    # --- final evaluation, save, card, push: the decoder on the starting float32 CLIP ---
-    final_model = float32_model(args, accelerator, model)
-    metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
-    if args.with_tracking:
-        accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=state["step"])
-        accelerator.end_training()
-    results = {f"eval_{k}": v for k, v in metrics.items()}
-    results.update(
-        train_steps=state["step"],
-        nonfinite_losses=state["nonfinite_losses"],
-        num_processes=accelerator.num_processes,
-        decoder_checksum_per_process=decoder_checksums(accelerator, model),
-    )
-    if accelerator.is_main_process:
-        save_final_model(args, accelerator, final_model, processor, metrics, results, state["log_history"])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        report(args, accelerator, final_model, processor, eval_split, metrics)
-    if args.push_to_hub and accelerator.is_main_process:  # last: a failed push leaves everything else done
-        push_output(args, output_dir)
-    return results
+    return config
 
 
-def train_loop(
-    args, accelerator, model, optimizer, scheduler, train_loader, trainable, eval_split, processor, state
-):
-    """Optimizer steps until --max_train_steps; checkpoints, evaluation and logs on the way. `state` is
-    updated in place and is what a checkpoint stores (with the weights, optimizer, schedule and RNGs)."""
+def log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable) -> None:
+    """What is about to run, in one block (the numbers a reader checks before leaving a run alone)."""
+    processes = accelerator.num_processes
+    total = training_config(args, accelerator)["total_batch_size"]
+    eval_images = min(args.max_eval_images, len(eval_split)) if args.max_eval_images else len(eval_split)
+    when = f"every {args.eval_steps:,} steps and at the end" if args.eval_steps else "at the end"
+    precision = accelerator.mixed_precision
+    if accelerator.device.type == "cpu" and precision != "no":
+        precision += (
+            " (from the Accelerate config; `accelerate launch --mixed_precision no` trains a CPU in float32)"
+        )
+    lines = [
+        "***** Running training *****",
+        f"  Training data: {plural(len(train_split), 'image')} with {plural(len(samples), 'phrase')} "
+        f"(split {args.train_split})",
+        f"  Evaluation: {plural(eval_images, 'image')} of split {args.validation_split}, {when}",
+        f"  Steps: {args.max_train_steps:,}, each of {plural(total, 'phrase')} "
+        f"({plural(processes, 'process', 'processes')} x {args.per_device_train_batch_size} per device x "
+        f"{plural(args.gradient_accumulation_steps, 'batch', 'batches')} accumulated), "
+        f"{plural(args.phrases_per_image, 'phrase')} per image; starting at step {state.global_step}",
+        f"  Optimizer: AdamW, learning rate {args.learning_rate:g}, {args.lr_scheduler_type} to "
+        f"{args.min_learning_rate:g} after {plural(args.num_warmup_steps, 'warm-up step')}, weight decay {args.weight_decay:g}",
+        f"  Device: {accelerator.device.type}, mixed precision {precision}; the frozen CLIP computes in "
+        f"{str(backbone_dtype).removeprefix('torch.')}; {plural(torch.get_num_threads(), 'torch thread')}",
+        f"  Data-loader workers: {args.dataloader_num_workers} per process",
+        f"  Trainable parameters: {sum(p.numel() for p in trainable):,} (the decoder; CLIP stays frozen)",
+        f"  Output: {args.output_dir}",
+    ]
+    logger.info("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def train_loop(args, accelerator, model, optimizer, scheduler, train_loader, state, evaluator) -> None:
+    """Optimizer steps until --max_train_steps, from where `state` is; logs, checkpoints and evaluations on
+    the way. `state` is updated in place (each checkpoint stores it)."""
     batches_per_epoch = len(train_loader)
     progress = tqdm(
         total=args.max_train_steps,
-        initial=state["step"],
+        initial=state.global_step,
         disable=not accelerator.is_local_main_process,
         desc="training",
     )
-    window = new_window(accelerator.device, state["step"])
+    tally = LossTally.on(accelerator.device, state.global_step)
     model.train()
-    while state["step"] < args.max_train_steps:
-        epoch, skip = divmod(state["consumed_batches"], batches_per_epoch)
+    while state.global_step < args.max_train_steps:
+        epoch, skip = divmod(state.consumed_batches, batches_per_epoch)
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
         for batch in loader:
-            state["consumed_batches"] += 1
-            train_batch(args, accelerator, model, optimizer, trainable, batch, window)
-            window["phrases"] += batch["image_index"].shape[0] * accelerator.num_processes
+            state.consumed_batches += 1
+            training_step(accelerator, model, optimizer, batch, tally, args.max_grad_norm)
             if not accelerator.sync_gradients:
                 continue
-            state["step"] += 1
+            state.global_step += 1
             scheduler.step()
             progress.update(1)
-            step = state["step"]
-            log_due = step % args.logging_steps == 0 or step == args.max_train_steps
-            checkpoint_due = step % args.checkpointing_steps == 0 or step == args.max_train_steps
-            if log_due or checkpoint_due:
-                count_skipped_steps(args, accelerator, window, state)
-            if log_due:
-                log_window(args, accelerator, scheduler, progress, window, state)
-            if checkpoint_due:
-                save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
-            if args.eval_steps and step % args.eval_steps == 0 and step < args.max_train_steps:
-                metrics = run_evaluation(
-                    args, accelerator, model, eval_split, processor, f"evaluating at step {step}"
-                )
-                accelerator.print(
-                    f"step {step}: "
-                    + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("miou_0.3", "fgiou_0.3", "ap"))
-                )
-                if args.with_tracking:
-                    accelerator.log({f"eval_{k}": v for k, v in metrics.items()}, step=step)
-                model.train()
-            if step >= args.max_train_steps:
+            after_step(args, accelerator, model, scheduler, progress, tally, state, evaluator)
+            if state.global_step >= args.max_train_steps:
                 break
     progress.close()
 
 
-def new_window(device: torch.device, step: int) -> dict[str, Any]:
-    """What the next log reports, summed on the device between logs (reading it waits for the device):
-    the finite losses and their batches, the optimizer steps skipped for a non-finite loss, and whether
-    the optimizer step in progress has one."""
-    zero = partial(torch.zeros, (), device=device)
-    return {
-        "loss": zero(dtype=torch.float32),
-        "batches": zero(dtype=torch.float32),
-        "skipped": zero(dtype=torch.float32),
-        "step_nonfinite": zero(dtype=torch.bool),
-        "phrases": 0,
-        "start": time.perf_counter(),
-        "counted_to_step": step,
-    }
-
-
-def train_batch(args, accelerator, model, optimizer, trainable, batch, window) -> None:
-    """Forward, backward and (at the end of an accumulation) the optimizer step, issued without waiting for
-    the device: the host queues the next batch's work while the device runs this one.
-
-    A non-finite loss is caught on the device: every process's fused optimizer skips the optimizer step it
-    belongs to (with accumulation, that step's other batches too), and `window` counts it;
-    `count_skipped_steps` reads the count at the next log or checkpoint."""
-    batch = model_inputs(batch, accelerator.device)
-    if accelerator.unwrap_model(model).cuda_graphs:
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs are done with
-    with accelerator.accumulate(model):
-        with accelerator.autocast():
-            loss = model(
-                pixel_values=batch["pixel_values"],
-                **prompt_inputs(accelerator.unwrap_model(model), batch),
-                image_index=batch["image_index"],
-                labels=batch["labels"],
-            ).loss
-        accelerator.backward(loss)
-        finite = torch.isfinite(loss.detach())
-        window["loss"] += torch.where(finite, loss.detach().float(), 0.0)
-        window["batches"] += finite
-        window["step_nonfinite"] |= ~finite
-        if accelerator.sync_gradients:
-            # One process's non-finite loss skips the step on all of them: they keep the same weights.
-            skip = accelerator.reduce(window["step_nonfinite"].float().reshape(1), "sum").clamp(max=1)[0]
-            window["skipped"] += skip
-            window["step_nonfinite"].zero_()
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            # The fused AdamW kernel leaves parameters, moments and step count as they are when this is 1
-            # (the way GradScaler skips steps; with fp16 mixed precision, GradScaler sets it itself from
-            # the gradients, which a non-finite loss makes non-finite too).
-            getattr(optimizer, "optimizer", optimizer).found_inf = skip
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-
-def count_skipped_steps(args, accelerator, window, state) -> None:
-    """Read back how many optimizer steps were skipped for a non-finite loss since the last count (this
-    waits for the device); report them, and stop the run past --max_nonfinite_losses."""
-    skipped = int(window["skipped"].item())
-    first_step, window["counted_to_step"] = window["counted_to_step"] + 1, state["step"]
-    if not skipped:
-        return
-    window["skipped"].zero_()
-    state["nonfinite_losses"] += skipped
-    accelerator.print(
-        f"steps {first_step}-{state['step']}: {skipped} optimizer step(s) skipped for a non-finite loss on "
-        f"some process ({state['nonfinite_losses']} so far)"
-    )
-    if state["nonfinite_losses"] > args.max_nonfinite_losses:
-        raise ValueError(
-            f"{state['nonfinite_losses']} non-finite losses (limit --max_nonfinite_losses "
-            f"{args.max_nonfinite_losses}); lower --learning_rate or check the data"
+def after_step(args, accelerator, model, scheduler, progress, tally, state, evaluator) -> None:
+    """The log, the checkpoint and the evaluation due after this optimizer step."""
+    step = state.global_step
+    last = step == args.max_train_steps
+    log_due = step % args.logging_steps == 0 or last
+    checkpoint_due = step % args.checkpointing_steps == 0 or last
+    if log_due or checkpoint_due:
+        count_skipped_steps(tally, state, args.max_nonfinite_losses)
+    if log_due:
+        logs = read_tally(accelerator, tally, scheduler.get_last_lr()[0], state)
+        progress.set_postfix(
+            loss=f"{logs['train_loss']:.4f}",
+            lr=f"{logs['learning_rate']:.2e}",
+            sps=f"{logs['samples_per_second']:.1f}",
         )
+        if args.with_tracking:
+            accelerator.log(logs, step=step)
+    if checkpoint_due:
+        save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
+    if args.eval_steps and step % args.eval_steps == 0 and not last:
+        metrics = evaluator(model, description=f"evaluating at step {step}")
+        logger.info(
+            f"step {step}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("miou_0.3", "fgiou_0.3", "ap"))
+        )
+        if args.with_tracking:
+            accelerator.log(eval_results(metrics), step=step)
+        model.train()
 
 
-def log_window(args, accelerator, scheduler, progress, window, state) -> None:
-    """Mean loss over all processes' finite batches since the last log, learning rate, phrases per second."""
-    totals = accelerator.reduce(torch.stack([window["loss"], window["batches"]]), "sum").tolist()
-    elapsed = time.perf_counter() - window["start"]
-    logs = {
-        "train_loss": totals[0] / max(1.0, totals[1]),
-        "learning_rate": scheduler.get_last_lr()[0],
-        "samples_per_second": window["phrases"] / max(elapsed, 1e-9),
-        "nonfinite_losses": state["nonfinite_losses"],
-    }
-    progress.set_postfix(
-        loss=f"{logs['train_loss']:.4f}",
-        lr=f"{logs['learning_rate']:.2e}",
-        sps=f"{logs['samples_per_second']:.1f}",
-    )
-    state["log_history"].append({"step": state["step"], **logs})
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_evaluation(args, accelerator, model, split, processor, description: str) -> dict[str, float]:
+    """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
+    swapped for the starting float32 one), every phrase counted once."""
+    scored = float32_model(args, accelerator, model)
+    rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
+    try:
+        result = evaluate(
+            scored,
+            split,
+            processor.tokenizer,
+            accelerator,
+            image_size=scored.config.image_size,
+            batch_size=args.per_device_eval_batch_size,
+            rows=rows,
+            num_workers=args.dataloader_num_workers,
+            description=description,
+        )
+    finally:
+        torch.backends.cudnn.benchmark = autotune
+    return {**result.flat_metrics(), "images": len(rows) if rows is not None else len(split)}
+
+
+def eval_results(metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluation metrics as `all_results.json` and the trackers name them."""
+    return {f"eval_{key}": value for key, value in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and share
+# ----------------------------------------------------------------------------------------------------------
+
+
+def finish(args, accelerator, model, processor, eval_split, state: TrainerState) -> dict[str, Any]:
+    """Score the decoder on the starting float32 CLIP, save it with its card and results, and push it."""
+    final_model = float32_model(args, accelerator, model)
+    metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
     if args.with_tracking:
-        accelerator.log(logs, step=state["step"])
-    window["loss"].zero_()
-    window["batches"].zero_()
-    window.update(phrases=0, start=time.perf_counter())
-
-
-def decoder_checksums(accelerator: Accelerator, model: Any) -> list[float]:
-    """A checksum of the decoder on every process; they must agree (the processes trained together)."""
-    flat = torch.cat(
-        [p.detach().double().flatten() for p in accelerator.unwrap_model(model).decoder.parameters()]
-    )
-    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder(97)
-    sums = accelerator.gather((flat * weights).sum().reshape(1)).tolist()
-    if len(set(sums)) != 1:
-        raise RuntimeError(f"the processes ended with different decoders (checksums {sums})")
-    return sums
-
-
-def save_final_model(args, accelerator, model, processor, metrics, results, log_history) -> None:
-    """Model, processor, code, card and results, written into a temporary folder and then moved in place."""
-    output_dir = Path(args.output_dir)
-    staging = output_dir / ".final_partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(staging)
-    processor.save_pretrained(staging)
-    (staging / "all_results.json").write_text(json.dumps(results, indent=2))
-    (staging / "training_log.json").write_text(
-        json.dumps({"global_step": results["train_steps"], "log_history": log_history}, indent=2)
-    )
-    dataset_name = args.dataset_name or ("synthetic PhraseCut (demo)" if args.demo else "PhraseCut")
-    write_model_card(
-        staging,
-        model_name=args.hub_model_id or output_dir.name,
-        base_model=model_source(args),
-        dataset_name=dataset_name,
-        eval_split=args.validation_split,
-        metrics=metrics,
-        training_config=training_config(args, accelerator),
-        notes=getattr(args, "card_notes", ""),
-        eval_scope=f"{metrics['images']} images, {metrics['samples']} phrases",
-    )
-    for item in staging.iterdir():
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
-
-
-LOCAL_ONLY = ("checkpoints", "clipseg_finetune", "runs")  # checkpoints and tracker logs stay local
-
-
-def files_to_push(output_dir: Path) -> list[Path]:
-    """The saved model folder: everything but checkpoints, tracker logs and unfinished (hidden) files."""
-    return sorted(
-        path
-        for path in output_dir.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(output_dir).parts)
-        and path.relative_to(output_dir).parts[0] not in LOCAL_ONLY
-    )
-
-
-def hub_access_problem(token: str | None) -> str | None:
-    """Why a push would fail, in a few words (offline mode, no network, no valid token, a read-only token);
-    None when it may work."""
-    from huggingface_hub import HfApi, constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set, so the Hub cannot be reached"
-    try:
-        account = HfApi(token=token).whoami()
-    except Exception as error:  # no network, no token, a revoked token: each its own exception type
-        return (
-            f"the Hub refused or could not be reached ({error.__class__.__name__}: {error}); log in with "
-            "`hf auth login` or pass --hub_token"
-        )
-    if account.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        return "the token is read-only: give one that can write (`hf auth login` or --hub_token)"
-    return None
-
-
-def push_output(args: argparse.Namespace, output_dir: Path) -> None:
-    """Upload exactly the saved model folder, in one commit; checkpoints and tracker logs stay local."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi(token=args.hub_token)
-    operations = [
-        CommitOperationAdd(path_in_repo=path.relative_to(output_dir).as_posix(), path_or_fileobj=str(path))
-        for path in files_to_push(output_dir)
-    ]
-    try:
-        repo_id = api.create_repo(args.hub_model_id, private=args.hub_private_repo, exist_ok=True).repo_id
-        api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
+        accelerator.log(eval_results(metrics), step=state.global_step)
+        accelerator.end_training()
+    results = {
+        **eval_results(metrics),
+        "train_steps": state.global_step,
+        "nonfinite_losses": state.nonfinite_losses,
+        "num_processes": accelerator.num_processes,
+        "decoder_checksum_per_process": decoder_checksums(accelerator, model),
+    }
+    if accelerator.is_main_process:
+        save_final_model(args, accelerator, final_model, processor, metrics, results, state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        report(args, final_model, processor, eval_split, metrics)
+    if args.push_to_hub and accelerator.is_main_process:  # last: a failed push leaves everything else done
+        url = push_folder(
+            Path(args.output_dir),
+            args.hub_model_id,
+            local_only=STAYS_LOCAL,
+            private=args.hub_private_repo,
+            token=args.hub_token,
             commit_message="Upload model trained with clipseg-finetune",
         )
-    except Exception as error:  # after training: say what is safe and how to push it by hand
-        excluded = " ".join(
-            f"--exclude '{pattern}'" for pattern in (*(f"{name}/*" for name in LOCAL_ONLY), ".*")
+        logger.info(f"Pushed {args.output_dir} to {url}")
+    return results
+
+
+def save_final_model(args, accelerator, model, processor, metrics, results, state: TrainerState) -> None:
+    """Model, processor, code, card and results, written aside and then moved into --output_dir."""
+    output_dir = Path(args.output_dir)
+    with atomic_folder(output_dir, merge=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "all_results.json").write_text(json.dumps(results, indent=2))
+        log = {"global_step": state.global_step, "log_history": state.log_history}
+        (staging / "training_log.json").write_text(json.dumps(log, indent=2))
+        write_model_card(
+            staging,
+            model_name=args.hub_model_id or output_dir.name,
+            base_model=model_source(args),
+            dataset_name=args.dataset_name or ("synthetic PhraseCut (demo)" if args.demo else "PhraseCut"),
+            eval_split=args.validation_split,
+            metrics=metrics,
+            training_config=training_config(args, accelerator),
+            notes=getattr(args, "card_notes", ""),
+            eval_scope=f"{plural(metrics['images'], 'image')}, {plural(metrics['samples'], 'phrase')}",
         )
-        private = " --private" if args.hub_private_repo else ""
-        raise OSError(
-            f"--push_to_hub {args.hub_model_id} failed ({error.__class__.__name__}: {error}). The model is saved in "
-            f"{output_dir}; push it later with `hf upload {args.hub_model_id} {output_dir}{private} {excluded}`"
-        ) from error
-    print(f"Pushed {len(operations)} files from {output_dir} to https://huggingface.co/{repo_id}")
 
 
-def report(args, accelerator, model, processor, eval_split, metrics) -> None:
+def report(args, model, processor, eval_split, metrics) -> None:
     """Say where everything is (and, for the demo, draw sample predictions)."""
     output_dir = Path(args.output_dir)
-    print(
-        f"\nEvaluation on {args.validation_split} ({metrics['images']} images, {metrics['samples']} phrases): "
-        f"mIoU@0.3 {metrics['miou_0.3']:.4f}, foreground IoU@0.3 {metrics['fgiou_0.3']:.4f}, "
-        f"best foreground IoU {metrics['fgiou_best']:.4f} (t={metrics['fgiou_best_threshold']:.2f}), AP {metrics['ap']:.4f}"
-    )
-    print(f"Model, processor and code: {output_dir}/")
-    print(f"Model card:                {output_dir / 'README.md'}")
-    print(f"Results:                   {output_dir / 'all_results.json'}")
+    lines = [
+        f"Evaluation on {args.validation_split} ({plural(metrics['images'], 'image')}, "
+        f"{plural(metrics['samples'], 'phrase')}): mIoU@0.3 {metrics['miou_0.3']:.4f}, foreground IoU@0.3 "
+        f"{metrics['fgiou_0.3']:.4f}, best foreground IoU {metrics['fgiou_best']:.4f} "
+        f"(t={metrics['fgiou_best_threshold']:.2f}), AP {metrics['ap']:.4f}",
+        f"Model, processor and code: {output_dir}/",
+        f"Model card:                {output_dir / 'README.md'}",
+        f"Results:                   {output_dir / 'all_results.json'}",
+    ]
     if args.demo:
         from clipseg_tools.demo import save_sample_predictions
 
-        paths = save_sample_predictions(accelerator.unwrap_model(model), processor, eval_split, output_dir)
-        print(
-            f"Sample predictions:        {paths[0].parent}/ ({len(paths)} pictures: image, then heat map and truth per phrase)"
+        paths = save_sample_predictions(model, processor, eval_split, output_dir)
+        lines.append(
+            f"Sample predictions:        {paths[0].parent}/ ({plural(len(paths), 'picture')}: image, then heat map "
+            "and truth per phrase)"
         )
+    logger.info("\n".join(lines))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input, named by the code that found it
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_command(main)

@@ -292,17 +292,15 @@ def loop_rate(args, step, device) -> dict[str, float]:
     """Pairs per second of training steps fed by the project's data pipeline (uint8 batches from worker
     processes, pinned on a GPU, copied without blocking and normalised on the device), and of the pipeline
     alone. `step(batch)` takes a host batch as the loader gives it."""
-    from torch.utils.data import DataLoader
-
     from clipseg_tools.batching import (
         EpochSampler,
         PhraseIndex,
         TrainingOptions,
         TrainingSamples,
         collate_training,
-        model_inputs,
     )
-    from clipseg_tools.handover import SharedBatchRing
+    from clipseg_tools.loader import create_loader
+    from clipseg_tools.transforms import model_inputs
 
     split, tokenizer = loop_data(args)
     options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
@@ -311,17 +309,14 @@ def loop_rate(args, step, device) -> dict[str, float]:
     needed = (warmup + args.loop_steps) * args.batch_size
     if len(samples) < needed:
         raise ValueError(f"the loop needs {needed} phrases in one epoch; --loop_images gives {len(samples)}")
-    loader = DataLoader(
+    loader = create_loader(
         samples,
+        partial(collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True),
         batch_size=args.batch_size,
-        sampler=EpochSampler(len(samples), seed=0),
+        device=device,
         num_workers=args.num_workers,
-        pin_memory=device.type == "cuda",
+        sampler=EpochSampler(len(samples), seed=0),
         drop_last=True,
-        collate_fn=SharedBatchRing(
-            partial(collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True),
-            pin_memory=device.type == "cuda",
-        ),
     )
 
     def run(steps: int, train: bool) -> float:
@@ -347,24 +342,24 @@ def loop_rate(args, step, device) -> dict[str, float]:
 
 
 def run_train_step(model, device, dtype):
-    """run_train.py's own training step (`train_batch`: no read-back, non-finite steps skipped on the device,
-    its fused AdamW with the script's defaults), under an Accelerator with the benchmark's precision."""
+    """run_train.py's own training step (`training_step`: no read-back, non-finite steps skipped on the device,
+    fused AdamW with the script's default learning rate and weight decay), under an Accelerator with the
+    benchmark's precision."""
     from accelerate import Accelerator
 
-    import run_train
+    from clipseg_tools.training import LossTally, make_optimizer, training_step
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if dtype else "no")
-    defaults = run_train.build_parser().parse_args(["--output_dir", "unused"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = run_train.make_optimizer(defaults, trainable)
-    window = run_train.new_window(device, 0)
+    optimizer = make_optimizer(trainable, learning_rate=1e-3, weight_decay=1e-4)
+    tally = LossTally.on(device)
     model.train()
-    return partial(run_train.train_batch, defaults, accelerator, model, optimizer, trainable, window=window)
+    return partial(training_step, accelerator, model, optimizer, tally=tally)
 
 
 def benchmark_step(model, call, device, autocast):
     """The benchmark's bare training step (`training_step`) on a host batch."""
-    from clipseg_tools.batching import model_inputs
+    from clipseg_tools.transforms import model_inputs
 
     optimizer = make_optimizer(model)
     model.train()
@@ -386,9 +381,9 @@ def loop_data(args):
         write_synthetic_phrasecut(
             data_dir, {"train": args.loop_images}, seed=0, min_size=375, max_size=500, overwrite=True
         )
-    split = load_splits(["train"], data_dir=str(data_dir), cache_dir=str(scratch / "cache"))["train"]
+    (split,) = load_splits({"--split": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache"))
     if args.loop_shrink:
-        from phrasecut_dataset import shrink_images
+        from clipseg_tools.data import shrink_images
 
         split = shrink_images(split, args.image_size, num_proc=args.num_workers or None)
     tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer", max_length=args.text_length)

@@ -39,13 +39,13 @@ from clipseg_tools.batching import (  # noqa: E402
     TrainingSamples,
     collate_evaluation,
     collate_training,
-    pack_masks,
 )
-from clipseg_tools.data import load_splits  # noqa: E402
+from clipseg_tools.data import load_splits, shrink_images  # noqa: E402
 from clipseg_tools.demo import demo_words  # noqa: E402
 from clipseg_tools.handover import SharedBatchRing  # noqa: E402
 from clipseg_tools.tiny_clip import build_word_tokenizer  # noqa: E402
-from phrasecut_dataset import shrink_images, write_synthetic_phrasecut  # noqa: E402
+from clipseg_tools.transforms import pack_masks  # noqa: E402
+from phrasecut_dataset import write_synthetic_phrasecut  # noqa: E402
 
 
 def milliseconds_per_sample(samples: TrainingSamples, count: int) -> float:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     data_dir = write_synthetic_phrasecut(
         scratch / "data", {"train": args.num_images}, seed=0, min_size=375, max_size=500, overwrite=True
     )
-    split = load_splits(["train"], data_dir=str(data_dir), cache_dir=str(scratch / "cache"))["train"]
+    (split,) = load_splits({"--split": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache"))
     tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer")
     collate = partial(
         collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length, pack_labels=True

@@ -9,7 +9,6 @@ the same whichever worker makes it, and a resumed run sees exactly the samples i
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,81 +20,21 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
-from phrasecut_dataset.masks import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from phrasecut_dataset.masks import row_masks, task_mask
+
+from .errors import CommandError
+from .prompts import apply_template
+from .transforms import (
     decode_image,
     decode_pixels,
-    polygons_to_mask,
+    image_to_uint8,
+    pack_masks,
     resize_mask,
     resize_pixels,
+    stack_images,
 )
-from phrasecut_dataset.validate import PhraseCutFormatError
-
-from .prompts import apply_template
 
 IMAGE_COLUMN = "image"
-PIXEL_KEYS = ("pixel_values", "visual_pixel_values")
-
-
-def image_to_uint8(image: Image.Image | np.ndarray) -> torch.Tensor:
-    """An RGB PIL image or uint8 array [H, W, 3] -> uint8 tensor [3, H, W], a view of the pixels as they lie
-    (channels last): the CPU never transposes them, `normalize_pixels` does on the device. Batches travel as
-    uint8 (a quarter of float32's bytes through worker queues and host-to-device copies)."""
-    pixels = image if isinstance(image, np.ndarray) else np.array(image, dtype=np.uint8)
-    return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[3, S, S] uint8 images -> a batch [N, 3, S, S] stored channels last: each image's rows are copied as
-    they lie (a transposing copy costs the worker several times more)."""
-    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-
-
-def normalize_pixels(
-    pixels: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """uint8 [N, 3, H, W] in any memory layout -> contiguous float32 divided by 255, minus mean, over std (the
-    processor's arithmetic, in the same order, so the values equal `image_to_tensor`'s bit for bit)."""
-    pixels = pixels.contiguous().float() / 255.0
-    mean, std = _channel_constants(tuple(mean), tuple(std), pixels.device)
-    return (pixels - mean) / std
-
-
-@functools.lru_cache(maxsize=8)
-def _channel_constants(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std as [1, C, 1, 1] tensors on `device`, made once (a copy to the device each step would wait
-    for the queue)."""
-    return tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device) for v in (mean, std))
-
-
-def pack_masks(masks: torch.Tensor) -> torch.Tensor:
-    """bool [..., H, W] -> uint8 [..., H, ceil(W / 8)], eight pixels per byte (most significant bit first)."""
-    return torch.from_numpy(np.packbits(masks.numpy(), axis=-1))
-
-
-def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
-    """`pack_masks` undone, on the tensor's device: bool [..., H, width]."""
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)  # made there: no copy in
-    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :width].bool()
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
-    """A collated batch on `device` as the model takes it: pixels normalised to float32, labels float32
-    (unpacked there when the collate packed them)."""
-    moved = {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-    for key in PIXEL_KEYS:
-        if key in moved and moved[key].dtype == torch.uint8:
-            moved[key] = normalize_pixels(moved[key])
-    if "packed_labels" in moved:
-        moved["labels"] = unpack_masks(moved.pop("packed_labels"), moved["pixel_values"].shape[-1])
-    if "labels" in moved:
-        moved["labels"] = moved["labels"].float()
-    return moved
 
 
 @dataclass
@@ -213,19 +152,9 @@ def read_image(row: dict, decode: Callable[[Any], Any] = decode_image) -> Any:
     try:
         return decode(row[IMAGE_COLUMN])
     except (OSError, ValueError, SyntaxError) as error:
-        raise PhraseCutFormatError(
-            f"image {row.get('image_id')} cannot be decoded ({error}); re-prepare the data from the raw folder "
-            "with --skip_bad_samples to leave such images out"
-        ) from error
-
-
-def task_mask(task: dict, row: dict, height: int, width: int) -> np.ndarray:
-    """The task's mask at the image's native size (the official rasterisation)."""
-    try:
-        return polygons_to_mask(task["polygons"], height, width)
-    except (TypeError, ValueError, KeyError) as error:
-        raise PhraseCutFormatError(
-            f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error})"
+        raise CommandError(
+            f"image {row.get('image_id')} cannot be decoded ({error}); prepare the data again from the raw "
+            "folder with --skip_bad_samples to leave such images out"
         ) from error
 
 
@@ -335,7 +264,7 @@ class TrainingSamples(Dataset):
             visuals.append(image_to_uint8(visual_prompt(support_image, mask, size)))
             positions.append(k)
             weights.append(float(rng.uniform(self.options.mix_text_min, self.options.mix_text_max)))
-        sample["visual_pixel_values"] = visuals  # [3, S, S] each, stacked by the collate
+        sample["conditional_pixel_values"] = visuals  # [3, S, S] each, stacked by the collate
         sample["visual_index"] = torch.tensor(positions, dtype=torch.long)
         sample["text_weight"] = torch.tensor(weights)
 
@@ -382,10 +311,10 @@ def collate_training(
         **({"packed_labels": pack_masks(labels)} if pack_labels else {"labels": labels}),
         **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
     }
-    if "visual_pixel_values" in items[0]:
-        visuals = [v for item in items for v in item["visual_pixel_values"]]
+    if "conditional_pixel_values" in items[0]:
+        visuals = [v for item in items for v in item["conditional_pixel_values"]]
         size = batch["pixel_values"].shape[-1]
-        batch["visual_pixel_values"] = (
+        batch["conditional_pixel_values"] = (
             stack_images(visuals) if visuals else torch.zeros(0, 3, size, size, dtype=torch.uint8)
         )
         first_phrase = np.cumsum([0] + [len(item["phrases"]) for item in items])
@@ -414,7 +343,7 @@ class EvaluationImages(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         row = self.dataset[self.rows[item]]
         pixels = read_image(row, decode_pixels)
-        native = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in row["tasks"]])
+        native = row_masks(row, *pixels.shape[:2])
         sample = {
             "pixel_values": image_to_uint8(resize_pixels(pixels, self.image_size)),
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),

@@ -1,12 +1,29 @@
-"""The command-line parser of `run_train.py` and `run_eval.py`."""
+"""What the command lines share: the argument parser, the error policy, and the logging style.
+
+Error policy: a wrong flag ends at parsing (argparse, exit code 2); bad input found later (a data file, a
+model folder) raises `CommandError`, and a run that cannot finish raises it with `FAILED` (exit code 1):
+`run_command` prints its one sentence, no traceback. Anything else is a bug and keeps its traceback.
+
+Logging: one line per event, `time level name: message` on stdout, written between progress bars (never glued
+onto one), from the main process only unless it is a warning; libraries' own bars for saving and loading
+weights are off.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
-from typing import NoReturn
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
-from .data import default_num_workers
+from tqdm.auto import tqdm
+
+from .errors import CommandError
+from .loader import default_num_workers
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -35,7 +52,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one sentence and a pointer to `--help`: the whole usage of some fifty
     options, printed first, would bury the sentence."""
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(formatter_class=HelpWithDefaults, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -49,3 +66,49 @@ def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) 
     if given < 0:
         parser.error(f"{flag} must not be negative")
     return given
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """Run a script's `main`; a `CommandError` ends it with its sentence on stderr and its exit code."""
+    try:
+        main()
+    except CommandError as error:
+        message = str(error)
+        if "\nOriginal Traceback" in message:  # raised in a data-loader worker: its sentence is the last line
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(error.exit_code)
+
+
+class _BetweenBars(logging.Handler):
+    """Writes each record on its own line above the progress bars (`tqdm.write`), on stdout."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # logging must never end a run
+            self.handleError(record)
+
+
+def setup_logging(main_process: bool = True) -> None:
+    """The project's logging style for a script (see the module's docstring)."""
+    import datasets
+    import transformers
+
+    handler = _BetweenBars()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _BetweenBars)] + [handler]
+    root.setLevel(logging.INFO if main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # a line per file of every checkpoint
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    if not main_process:
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 process', '2 processes', '1,200 images'."""
+    word = noun if count == 1 else plural_form or f"{noun}s"
+    return f"{count:,} {word}"

@@ -1,39 +1,22 @@
-"""Loading the splits a script needs, from a raw PhraseCut folder or from a prepared export."""
+"""The splits a script needs, in the project's one-row-per-image form, from a raw PhraseCut folder or from a
+prepared export; and the training images stored once at the model's size."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
-from pathlib import Path
+import io
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
+from PIL import Image
 
 from phrasecut_dataset.builder import SPLIT_ALIASES
 
+from .errors import CommandError
+from .sources import local_copy_hint
+from .transforms import decode_image
+
 REQUIRED_COLUMNS = ("image", "image_id", "width", "height", "tasks")
-MAX_DEFAULT_WORKERS = 16  # each worker holds its own memory and shared buffers; the H200 runs used 14
-
-
-def default_num_workers() -> int:
-    """Data-loader workers per process when none are asked for: the CPUs this process may use, shared
-    among the machine's training processes (`LOCAL_WORLD_SIZE`, set by `accelerate launch`), less one for
-    each process's own thread, at most `MAX_DEFAULT_WORKERS`. A fast GPU needs many: one worker prepares
-    a few hundred to a thousand samples a second."""
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
-    return max(0, min(MAX_DEFAULT_WORKERS, usable_cpus() // processes - 1))
-
-
-def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """The CPUs this process may run on, or its container's CPU quota when that is smaller (`docker --cpus`,
-    a Kubernetes limit: cgroup v2's `cpu.max` holds "quota period", or "max period" for none)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
-        limit = -(-int(quota) // int(period))  # a quota of 1.5 CPUs runs on 2
-    except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
-        return cpus
-    return max(1, min(cpus, limit))
 
 
 def canonical_split(name: str) -> str:
@@ -42,58 +25,108 @@ def canonical_split(name: str) -> str:
 
 
 def load_splits(
-    names: Sequence[str],
+    wanted: Mapping[str, str],
     data_dir: str | None = None,
     dataset_name: str | None = None,
     cache_dir: str | None = None,
     skip_bad: bool = False,
     accelerator: Any = None,
-) -> dict[str, datasets.Dataset]:
-    """The named splits, images left as bytes (a transform decodes each image once for all its phrases).
+) -> list[datasets.Dataset]:
+    """The splits named by `wanted` (flag -> split name, e.g. {"--split": "test"}), in its order, images left as
+    bytes (a transform decodes each image once for all its phrases).
 
     `data_dir` is a raw PhraseCut folder, prepared once by the project's builder (the first process
     prepares, the others read the cache); `dataset_name` is a prepared export (Parquet folder or Hub id).
-    Raises ValueError with one clear sentence for a split that is missing or rows of another format.
+    A split that is missing, or rows of another form, end with one sentence naming the flags (`CommandError`).
     """
-    wanted = [canonical_split(name) for name in names]
-    if data_dir:
-        from phrasecut_dataset import load_phrasecut
+    names = {flag: canonical_split(name) for flag, name in wanted.items()}
+    source = f"--data_dir {data_dir}" if data_dir else f"--dataset_name {dataset_name}"
 
-        def load() -> Any:
+    def load() -> Any:
+        if data_dir:
+            from phrasecut_dataset import load_phrasecut
+
             return load_phrasecut(
-                data_dir, cache_dir=cache_dir, splits=sorted(set(wanted)), skip_bad=skip_bad
+                data_dir, cache_dir=cache_dir, splits=sorted(set(names.values())), skip_bad=skip_bad
             )
+        try:
+            return datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+        except (OSError, FileNotFoundError, ValueError) as error:
+            raise CommandError(
+                f"{source} could not be loaded ({error}); give a folder written by `python -m "
+                f"phrasecut_dataset.publish` or its Hub id ({local_copy_hint(dataset_name)})"
+            ) from error
 
-        source = f"--data_dir {data_dir}"
-    else:
-
-        def load() -> Any:
-            try:
-                return datasets.load_dataset(dataset_name, cache_dir=cache_dir)
-            except (OSError, FileNotFoundError, ValueError) as error:
-                raise ValueError(
-                    f"--dataset_name {dataset_name} could not be loaded ({error}); give a folder written by "
-                    "`python -m phrasecut_dataset.publish` or its Hub id (a local copy when offline)"
-                ) from error
-
-        source = f"--dataset_name {dataset_name}"
     if accelerator is not None:
         with accelerator.main_process_first():
             splits = load()
     else:
         splits = load()
 
-    loaded = {}
-    for name in wanted:
+    loaded = []
+    for flag, name in names.items():
         if name not in splits:
-            raise ValueError(
-                f"{source} has no prepared split {name!r} (it has {sorted(splits)}); prepare it, or pick one of those"
+            raise CommandError(
+                f"{flag} {wanted[flag]!r}: {source} has no prepared split {name!r} (it has {sorted(splits)}); "
+                "prepare it, or pick one of those"
             )
         missing = [column for column in REQUIRED_COLUMNS if column not in splits[name].column_names]
         if missing:
-            raise ValueError(
+            raise CommandError(
                 f"the {name} split of {source} lacks the columns {missing}: it is not in the project's PhraseCut "
-                "format (one row per image with its tasks)"
+                "form (one row per image with its tasks)"
             )
-        loaded[name] = splits[name].cast_column("image", datasets.Image(decode=False))
+        loaded.append(splits[name].cast_column("image", datasets.Image(decode=False)))
     return loaded
+
+
+def shrink_images(dataset: Any, short_side: int, quality: int = 95, num_proc: int | None = None) -> Any:
+    """The dataset with images larger than `short_side` (on their short side) shrunk to it, polygons and boxes
+    scaled with them, cached by `datasets` next to the source's cache files (`--shrink_train_images`).
+
+    Training decodes a JPEG and resizes it for every phrase it draws; at GPU speed that CPU work is the
+    bottleneck. Shrunk once, each sample is a smaller decode and no resize: the square crop of side min(height,
+    width) is then already model-sized. The geometry is that of cropping the full image and resizing the crop;
+    pixel values differ by one JPEG re-encoding (`quality`) and the order of the two resamplings, and masks
+    drawn from the scaled polygons can differ by a pixel at their edges. For training only: evaluation keeps
+    the native images and masks of the official protocol.
+    """
+    if short_side < 1:
+        raise ValueError(f"short_side must be positive, got {short_side}")
+    return dataset.map(
+        shrink_row,
+        fn_kwargs={"short_side": short_side, "quality": quality},
+        num_proc=num_proc,
+        desc=f"shrinking training images to a short side of {short_side}",
+    )
+
+
+def shrink_row(row: dict, short_side: int, quality: int = 95) -> dict:
+    width, height = int(row["width"]), int(row["height"])
+    if min(width, height) <= short_side:
+        return row
+    if width <= height:
+        new_width, new_height = short_side, round(height * short_side / width)
+    else:
+        new_width, new_height = round(width * short_side / height), short_side
+    image = decode_image(row["image"]).resize((new_width, new_height), Image.BILINEAR)
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=quality)
+    sx, sy = new_width / width, new_height / height
+    tasks = [
+        {
+            **task,
+            "polygons": [
+                [[[x * sx, y * sy] for x, y in polygon] for polygon in instance]
+                for instance in task["polygons"]
+            ],
+            "instance_boxes": [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in task["instance_boxes"]],
+        }
+        for task in row["tasks"]
+    ]
+    return {
+        "image": {"bytes": encoded.getvalue(), "path": None},
+        "width": new_width,
+        "height": new_height,
+        "tasks": tasks,
+    }

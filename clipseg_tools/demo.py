@@ -24,12 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
+from transformers.utils import logging
 
-from phrasecut_dataset import decode_image, image_to_tensor, synthetic_vocabulary, write_synthetic_phrasecut
+from phrasecut_dataset import row_masks, synthetic_vocabulary, write_synthetic_phrasecut
 from phrasecut_dataset.synthetic import single_object_images
 
+from .files import atomic_folder
 from .prompts import TEMPLATES
 from .tiny_clip import build_word_tokenizer, tiny_clip_configs
+from .transforms import decode_image, image_to_tensor
+
+logger = logging.get_logger(__name__)
 
 DEMO_VERSION = 2
 DEMO_SPLITS = {"val": 100, "test": 200}
@@ -72,7 +78,7 @@ def prepare_demo(args: argparse.Namespace) -> argparse.Namespace:
     root = cache_root()
     data_dir = root / f"data_v{DEMO_VERSION}_{args.demo_images}"
     if not (data_dir / "image_data_split.json").is_file():
-        print(f"Writing the synthetic dataset to {data_dir} ...")
+        logger.info(f"Writing the synthetic dataset to {data_dir}")
         write_synthetic_phrasecut(
             data_dir, {"train": args.demo_images, **DEMO_SPLITS}, seed=0, overwrite=True
         )
@@ -109,16 +115,14 @@ def build_small_clip(clip_dir: Path) -> None:
     from transformers import CLIPConfig, CLIPModel
 
     start = time.perf_counter()
-    partial_dir = clip_dir.with_name(clip_dir.name + ".partial")
-    tokenizer = build_word_tokenizer(demo_words(), partial_dir, max_length=CLIP_SETTINGS["max_positions"])
-    torch.manual_seed(PRETRAIN["seed"])
-    clip = CLIPModel(CLIPConfig(**tiny_clip_configs(tokenizer, **CLIP_SETTINGS)))
-    print(f"Pre-training the small CLIP ({PRETRAIN['steps']} contrastive steps on synthetic shapes) ...")
-    loss = pretrain_contrastive(clip, tokenizer)
-    clip.save_pretrained(partial_dir)
-    tokenizer.save_pretrained(partial_dir)
-    os.replace(partial_dir, clip_dir)
-    print(
+    with atomic_folder(clip_dir) as staging:
+        tokenizer = build_word_tokenizer(demo_words(), staging, max_length=CLIP_SETTINGS["max_positions"])
+        torch.manual_seed(PRETRAIN["seed"])
+        clip = CLIPModel(CLIPConfig(**tiny_clip_configs(tokenizer, **CLIP_SETTINGS)))
+        loss = pretrain_contrastive(clip, tokenizer)
+        clip.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    logger.info(
         f"Small CLIP ready in {time.perf_counter() - start:.0f} s (contrastive loss {loss:.2f}): {clip_dir}"
     )
 
@@ -138,7 +142,8 @@ def pretrain_contrastive(clip: Any, tokenizer: Any) -> float:
     )
     generator = torch.Generator().manual_seed(PRETRAIN["seed"])
     clip.train()
-    for _ in range(steps):
+    progress = tqdm(range(steps), desc="pre-training the small CLIP (contrastive, synthetic shapes)")
+    for step in progress:
         pick = torch.randperm(len(captions), generator=generator)[: PRETRAIN["batch_size"]]
         out = clip(
             input_ids=tokens["input_ids"][pick],
@@ -156,6 +161,8 @@ def pretrain_contrastive(clip: Any, tokenizer: Any) -> float:
         loss.backward()
         optimizer.step()
         schedule.step()
+        if step % 10 == 0:
+            progress.set_postfix(loss=f"{loss.item():.2f}")
     clip.eval()
     return float(loss.detach())
 
@@ -164,8 +171,6 @@ def save_sample_predictions(
     model: Any, processor: Any, split: Any, output_dir: Path, count: int = 6
 ) -> list[Path]:
     """Pictures of a few held-out images: the image, then each phrase's heat map beside its ground truth."""
-    from phrasecut_dataset import polygons_to_mask
-
     folder = output_dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -175,8 +180,7 @@ def save_sample_predictions(
         phrases = [task["phrase"] for task in row["tasks"]]
         maps = model.predict(image, phrases, processor=processor)[0]
         tiles = [image]
-        for task, heat in zip(row["tasks"], maps):
-            gt = polygons_to_mask(task["polygons"], image.height, image.width)
+        for gt, heat in zip(row_masks(row, image.height, image.width), maps):
             tiles.append(_heat_tile(heat.numpy()))
             tiles.append(Image.fromarray((gt * 255).astype(np.uint8)).convert("RGB"))
         sheet = Image.new("RGB", (sum(t.width for t in tiles), image.height), "white")

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batching import EvaluationImages, PhraseIndex, collate_evaluation, normalize_pixels
-from .handover import SharedBatchRing
+from .batching import EvaluationImages, PhraseIndex, collate_evaluation
+from .errors import CommandError
+from .loader import create_loader
 from .metrics import (
     OFFICIAL_THRESHOLD,
     THRESHOLDS,
@@ -34,6 +34,7 @@ from .metrics import (
     intersection_union,
     official_phrasecut_metrics,
 )
+from .transforms import model_inputs
 
 
 @dataclass
@@ -61,28 +62,43 @@ class EvaluationResult:
     def official_metrics(self) -> dict[str, dict[str, float]]:
         return official_phrasecut_metrics(self.intersections, self.unions, self.subsets)
 
+    def flat_metrics(self) -> dict[str, float]:
+        """Both protocols in one flat dict: the CLIPSeg paper's metrics as they are, the official protocol's
+        over all tasks prefixed `official_`, and `samples` (phrases scored, each once across processes)."""
+        metrics = self.clipseg_metrics()
+        metrics.update({f"official_{k}": v for k, v in self.official_metrics()["all"].items()})
+        metrics["samples"] = len(self.sample_ids)
+        return metrics
 
-def predict_logits(model: Any, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-    """Logits [P, S, S] of a collated batch (all phrases of its images, one vision pass per image).
+    def summary(self) -> dict[str, Any]:
+        """Both protocols, the official one per subset, with the curves: what `run_eval.py` reports."""
+        return {
+            "clipseg_paper_protocol": self.clipseg_metrics(),
+            "official_protocol": self.official_metrics(),
+            "official_threshold": self.official_threshold,
+            "num_phrases": len(self.sample_ids),
+            "curves": {k: v.tolist() for k, v in self.sweep().curves().items()},
+        }
+
+
+def predict_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    """Logits [P, S, S] of a collated batch on the device (`model_inputs`): all phrases of its images, one
+    vision pass per image.
 
     A model prepared by Accelerate for mixed-precision training keeps its plain forward in
     `_original_forward`; that one is called, so evaluation runs in the precision the caller chose.
     """
     forward = getattr(model, "_original_forward", model)
-
-    def moved(name: str) -> torch.Tensor:
-        return batch[name].to(device, non_blocking=True)  # no wait from pinned memory
-
     logits = forward(
-        pixel_values=normalize_pixels(moved("pixel_values")),
-        input_ids=moved("input_ids"),
-        attention_mask=moved("attention_mask"),
-        image_index=moved("image_index"),
+        pixel_values=inputs["pixel_values"],
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        image_index=inputs["image_index"],
     ).logits.float()
-    if logits.shape != batch["labels"].shape:
-        raise ValueError(
+    if logits.shape != inputs["labels"].shape:
+        raise CommandError(
             f"the model predicted logits of shape {tuple(logits.shape)} for masks of shape "
-            f"{tuple(batch['labels'].shape)}: it must return one map per phrase at its input size"
+            f"{tuple(inputs['labels'].shape)}: it must return one map per phrase at its input size"
         )
     return logits
 
@@ -128,22 +144,16 @@ def evaluate(
         index = PhraseIndex.from_dataset(dataset)
         rows = list(range(len(dataset))) if rows is None else list(rows)
         own_rows = rows[accelerator.process_index :: accelerator.num_processes]
-        on_gpu = accelerator.device.type == "cuda"
-        loader = DataLoader(
+        loader = create_loader(
             EvaluationImages(dataset, image_size, own_rows, native_masks=True),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=on_gpu,
-            # Reused shared-memory buffers: each batch's many native-size masks would otherwise be shared
-            # one by one, each handed over and mapped anew by the main process.
-            collate_fn=SharedBatchRing(
-                partial(
-                    collate_evaluation,
-                    tokenizer=tokenizer,
-                    max_length=model.config.text_config.max_position_embeddings,
-                ),
-                pin_memory=on_gpu,
+            partial(
+                collate_evaluation,
+                tokenizer=tokenizer,
+                max_length=model.config.text_config.max_position_embeddings,
             ),
+            batch_size=batch_size,
+            device=accelerator.device,
+            num_workers=num_workers,
         )
         was_training = model.training
         model.eval()
@@ -165,14 +175,15 @@ def _score_batches(
     progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False)
     with torch.no_grad():
         for batch in progress:
+            inputs = model_inputs(batch, device)
             with precision:
-                logits = predict_logits(model, batch, device)
+                logits = predict_logits(model, inputs)
             probs = torch.sigmoid(logits)
-            image_index = batch["image_index"]
+            image_index = batch["image_index"]  # on the host: grouping phrases by image reads nothing back
             parts["ids"].append(index.phrase_ids(batch["rows"], image_index))
             # The counts stay on the device until the end, read once (`confusion_counts` itself still waits
             # for the device per batch: its range check and its bincount read back).
-            parts["counts"].append(confusion_counts(probs, batch["labels"].to(device, non_blocking=True)))
+            parts["counts"].append(confusion_counts(probs, inputs["labels"]))
             inter, union = official_counts(probs, image_index, batch["native_masks"], official_threshold)
             parts["inter"].append(inter)
             parts["union"].append(union)

@@ -8,8 +8,6 @@ the image, the predicted heat map over it, the ground truth, the phrase and its 
 from __future__ import annotations
 
 import html
-import os
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from phrasecut_dataset import decode_image  # noqa: E402
 
 from .batching import EvaluationImages, PhraseIndex, collate_evaluation  # noqa: E402
 from .evaluation import EvaluationResult, predict_logits  # noqa: E402
+from .files import atomic_folder  # noqa: E402
+from .loader import create_loader  # noqa: E402
 from .metrics import low_iou_samples  # noqa: E402
+from .transforms import decode_image, model_inputs  # noqa: E402
 
 FAILURE_RANGE = (0.1, 0.5)
 TILE_HEIGHT = 256
@@ -38,10 +36,6 @@ def write_gallery(
     folder: Path, model: Any, processor: Any, split: Any, result: EvaluationResult, limit: int = 100
 ) -> Path:
     """Write the pictures, the two plots and `index.html` into `folder` (replaced as a whole); returns it."""
-    folder = Path(folder)
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     sweep = result.sweep()
     ious = sweep.per_sample_iou()
     in_range = (sweep.thresholds >= FAILURE_RANGE[0]) & (sweep.thresholds <= FAILURE_RANGE[1])
@@ -49,14 +43,13 @@ def write_gallery(
     failed = np.flatnonzero(low_iou_samples(sweep.counts, sweep.thresholds, 0.5, FAILURE_RANGE))
     shown = failed[np.argsort(best_iou[failed], kind="stable")][:limit]  # worst first
 
-    plot_precision_recall(sweep.curves(), partial / "pr_curve.png")
-    at_03 = int(np.flatnonzero(np.isclose(sweep.thresholds, 0.3))[0])
-    plot_iou_histogram(ious[:, at_03], partial / "iou_histogram.png")
-    entries = draw_failures(partial, model, processor, split, result, shown, best_iou)
-    (partial / "index.html").write_text(index_page(entries, len(result.sample_ids), len(failed)))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
-    return folder
+    with atomic_folder(folder) as staging:
+        plot_precision_recall(sweep.curves(), staging / "pr_curve.png")
+        at_03 = int(np.flatnonzero(np.isclose(sweep.thresholds, 0.3))[0])
+        plot_iou_histogram(ious[:, at_03], staging / "iou_histogram.png")
+        entries = draw_failures(staging, model, processor, split, result, shown, best_iou)
+        (staging / "index.html").write_text(index_page(entries, len(result.sample_ids), len(failed)))
+    return Path(folder)
 
 
 def draw_failures(folder, model, processor, split, result, failed, best_iou) -> list[dict]:
@@ -66,20 +59,21 @@ def draw_failures(folder, model, processor, split, result, failed, best_iou) -> 
     index = PhraseIndex.from_dataset(split)
     rows = sorted({int(result.rows[i]) for i in failed})
     wanted = {int(result.sample_ids[i]): i for i in failed}
-    loader = DataLoader(
+    device = next(model.parameters()).device
+    loader = create_loader(
         EvaluationImages(split, model.config.image_size, rows, native_masks=True),
-        batch_size=4,
-        collate_fn=partial(
+        partial(
             collate_evaluation,
             tokenizer=processor.tokenizer,
             max_length=model.config.text_config.max_position_embeddings,
         ),
+        batch_size=4,
+        device=device,
     )
-    device = next(model.parameters()).device
     entries = []
     with torch.no_grad():
         for batch in loader:
-            probs = torch.sigmoid(predict_logits(model, batch, device)).cpu()
+            probs = torch.sigmoid(predict_logits(model, model_inputs(batch, device))).cpu()
             ids = index.phrase_ids(batch["rows"], batch["image_index"])
             images = {}
             for p, sample_id in enumerate(ids.tolist()):

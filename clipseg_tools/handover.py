@@ -3,9 +3,8 @@
 By default a worker moves every tensor of every batch into fresh shared memory (page faults as it writes)
 and hands its file over; the main process fetches the descriptor from the worker, maps the file and reads
 it (page faults again). One thread of the main process (the pin-memory thread on a GPU) does this for every
-worker's batches, so on a fast GPU it can bound the data-fed training loop. On the development machine this
-took 14-15 ms per training batch of 64 images at 352 px, and 4 ms through reused buffers
-(`benchmarks/data_samples.py`, `benchmarks/RESULTS.md`).
+worker's batches, so on a fast GPU it can bound the data-fed training loop (`benchmarks/data_samples.py`
+measures that share).
 
 `SharedBatchRing` wraps a collate function: in a worker it writes each batch into one of a few buffers the
 worker keeps (a ring); the main process keeps every buffer mapped after the first batch it brought, copies

@@ -1,4 +1,5 @@
-"""PhraseCut for `datasets`: the builder over the real layout, masks and transforms, subsets, export, synthetic data."""
+"""PhraseCut for `datasets`: the builder over the real layout, its validation, task masks drawn the official way,
+the official subsets, the Parquet export with its dataset card, and a synthetic writer of the same layout."""
 
 import importlib
 
@@ -11,19 +12,7 @@ from .builder import (
     load_phrasecut,
     prepare_phrasecut,
 )
-from .masks import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    decode_image,
-    decode_pixels,
-    image_to_tensor,
-    polygons_to_mask,
-    resize_image,
-    resize_mask,
-    resize_pixels,
-    row_masks,
-)
-from .shrink import shrink_images
+from .masks import polygons_to_mask, row_masks, task_mask
 from .subsets import OFFICIAL_SUBSETS, FrequencyRanks, read_frequency_ranks, task_subsets
 from .validate import PhraseCutFormatError
 
@@ -49,8 +38,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "FEATURES",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "KNOWN_BAD_IMAGE_IDS",
     "OFFICIAL_SUBSETS",
     "SPLIT_FILES",
@@ -60,21 +47,15 @@ __all__ = [
     "PhraseCutFormatError",
     "construct_phrase",
     "dataset_card",
-    "decode_image",
-    "decode_pixels",
     "export_dataset",
-    "image_to_tensor",
     "load_phrasecut",
     "polygons_to_mask",
     "prepare_phrasecut",
     "push_export_to_hub",
     "read_frequency_ranks",
-    "resize_image",
-    "resize_mask",
-    "resize_pixels",
     "row_masks",
-    "shrink_images",
     "synthetic_vocabulary",
+    "task_mask",
     "task_subsets",
     "write_parquet_shards",
     "write_synthetic_phrasecut",

@@ -56,7 +56,7 @@ KNOWN_BAD_IMAGE_IDS = frozenset({
 
 SKIP_REPORT_FILENAME = "phrasecut_skip_report.json"
 
-_POINT = datasets.List(datasets.Value("float32"), length=2)
+_POINT = datasets.List(datasets.Value("float64"), length=2)
 FEATURES = datasets.Features(
     {
         "image": datasets.Image(),
@@ -79,7 +79,7 @@ FEATURES = datasets.Features(
                 },
                 # instances -> polygons -> points [x, y], original-image pixels, not closed
                 "polygons": datasets.List(datasets.List(datasets.List(_POINT))),
-                "instance_boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),  # xywh
+                "instance_boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),  # xywh
                 "ann_ids": datasets.List(datasets.Value("int64")),
                 "subsets": datasets.List(datasets.Value("string")),
             }

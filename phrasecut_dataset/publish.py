@@ -14,10 +14,7 @@ so `load_dataset("parquet", data_files=...)`, `load_dataset(<folder>)` and, once
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,8 +24,12 @@ import yaml
 from datasets.table import embed_table_storage
 from datasets.utils.py_utils import convert_file_size_to_int
 
+from clipseg_tools.cli import ArgumentParser, run_command, setup_logging
+from clipseg_tools.errors import CommandError
+from clipseg_tools.files import atomic_folder
+from clipseg_tools.hub import hub_access_problem, push_folder
+
 from .builder import CITATION, prepare_phrasecut
-from .validate import PhraseCutFormatError
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ builder; masks are not stored but rasterised from the polygons with the official
 | `tasks[].task_id` | string | `<image_id>__<ann_id>_<ann_id>...` |
 | `tasks[].phrase` | string | the referring phrase |
 | `tasks[].phrase_structure` | struct | `name`, `attributes`, `relation_ids`, `relation_descriptions` (`predicate`, `object`), `type` (name / attribute / relation / verbose) |
-| `tasks[].polygons` | list | instances -> polygons -> `[x, y]` points (float32, pixels, not closed) |
+| `tasks[].polygons` | list | instances -> polygons -> `[x, y]` points (float64, pixels, not closed) |
 | `tasks[].instance_boxes` | list | one `[x, y, w, h]` per instance (inclusive, +1 convention) |
 | `tasks[].ann_ids` | list[int64] | Visual Genome object ids |
 | `tasks[].subsets` | list[string] | the official evaluation subsets the task belongs to (c20, i_single, s_small, ...) |
@@ -203,14 +204,9 @@ def export_dataset(
         raise FileExistsError(
             f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
         )
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    shards = write_parquet_shards(dataset_dict, partial, max_shard_size)
-    (partial / "README.md").write_text(dataset_card(dataset_dict, shards, skip_report), encoding="utf-8")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
+    with atomic_folder(output_dir) as staging:
+        shards = write_parquet_shards(dataset_dict, staging, max_shard_size)
+        (staging / "README.md").write_text(dataset_card(dataset_dict, shards, skip_report), encoding="utf-8")
     return output_dir
 
 
@@ -222,79 +218,61 @@ def push_export_to_hub(
     Shards left under data/ by an earlier push, and not part of this export, are deleted in the
     same commit (as `push_to_hub` does), so the repo holds exactly the exported files.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    export_dir = Path(export_dir)
-    local = sorted(p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file())
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        stale = [
-            f
-            for f in api.list_repo_files(repo_id, repo_type="dataset")
-            if f.startswith("data/") and f not in local
-        ]
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(export_dir / f)) for f in local]
-        operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
-        commit = api.create_commit(
-            repo_id,
-            operations=operations,
-            repo_type="dataset",
-            commit_message="Upload PhraseCut (one row per image)",
-        )
-    except OfflineModeIsEnabled:
-        raise RuntimeError(
-            f"Cannot push to {repo_id}: HF_HUB_OFFLINE is set. The export in {export_dir} is complete; "
-            "unset HF_HUB_OFFLINE and run again with --push_to_hub to upload it."
-        ) from None
-    return commit.commit_url
+    return push_folder(
+        Path(export_dir),
+        repo_id,
+        repo_type="dataset",
+        what="The export",
+        replace_under="data/",
+        private=private,
+        token=token,
+        commit_message="Upload PhraseCut (one row per image)",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Export PhraseCut to Parquet shards with a dataset card, and push it."
     )
-    parser.add_argument("--data_dir", required=True, help="The raw PhraseCut folder (VGPhraseCut_v0).")
-    parser.add_argument("--output_dir", required=True, help="Where to write README.md and data/*.parquet.")
-    parser.add_argument("--cache_dir", default=None, help="datasets cache for the prepared splits.")
-    parser.add_argument("--splits", nargs="+", default=None, help="Splits to export (default: all four).")
+    parser.add_argument("--data_dir", required=True, help="the raw PhraseCut folder (VGPhraseCut_v0)")
+    parser.add_argument("--output_dir", required=True, help="where to write README.md and data/*.parquet")
+    parser.add_argument("--cache_dir", help="datasets cache for the prepared splits")
+    parser.add_argument("--splits", nargs="+", help="splits to export (default: all four)")
     parser.add_argument(
-        "--skip_bad", action="store_true", help="Skip and count bad images/tasks instead of stopping."
+        "--skip_bad", action="store_true", help="skip and count bad images/tasks instead of stopping"
     )
-    parser.add_argument("--max_shard_size", default="500MB", help="Largest Parquet shard, e.g. 500MB.")
+    parser.add_argument("--max_shard_size", default="500MB", help="largest Parquet shard")
     parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir."
+        "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir"
     )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the export to the Hub.")
-    parser.add_argument(
-        "--hub_dataset_id", default=None, help="Dataset repo to push to, e.g. your-name/phrasecut."
-    )
-    parser.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one).")
-    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hub")
+    parser.add_argument("--hub_dataset_id", help="dataset repo to push to, e.g. your-name/phrasecut")
+    parser.add_argument("--hub_token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
-    if args.push_to_hub and not args.hub_dataset_id:
-        parser.error("--push_to_hub needs --hub_dataset_id (e.g. your-name/phrasecut).")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.push_to_hub:
+        if not args.hub_dataset_id:
+            parser.error("--push_to_hub needs --hub_dataset_id (e.g. your-name/phrasecut).")
+        problem = hub_access_problem(args.hub_token)  # before the export, not after it
+        if problem:
+            parser.error(f"--push_to_hub: {problem}")
+    setup_logging()
 
+    builder = prepare_phrasecut(
+        args.data_dir, cache_dir=args.cache_dir, splits=args.splits, skip_bad=args.skip_bad
+    )
+    splits = builder.as_dataset_dict()
     try:
-        builder = prepare_phrasecut(
-            args.data_dir, cache_dir=args.cache_dir, splits=args.splits, skip_bad=args.skip_bad
-        )
-        splits = builder.as_dataset_dict()
         out = export_dataset(
             splits, args.output_dir, args.max_shard_size, builder.skip_report, args.overwrite_output_dir
         )
-    except (PhraseCutFormatError, FileExistsError) as error:
-        parser.exit(2, f"error: {error}\n")
-    print(f"exported {', '.join(f'{s}: {len(d)} images' for s, d in splits.items())} to {out}")
+    except FileExistsError as error:
+        raise CommandError(str(error)) from error
+    logger.info(f"exported {', '.join(f'{s}: {len(d)} images' for s, d in splits.items())} to {out}")
     if args.push_to_hub:
-        try:
-            url = push_export_to_hub(out, args.hub_dataset_id, private=args.private, token=args.hub_token)
-        except RuntimeError as error:
-            parser.exit(1, f"error: {error}\n")
-        print(f"pushed to {url}")
+        url = push_export_to_hub(out, args.hub_dataset_id, private=args.private, token=args.hub_token)
+        logger.info(f"pushed to {url}")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

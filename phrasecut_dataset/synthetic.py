@@ -14,10 +14,8 @@ Same seed, same arguments: byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clipseg_tools.cli import ArgumentParser, plural, setup_logging
+from clipseg_tools.files import atomic_folder
+
+logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 COLOURS = {
@@ -429,18 +432,6 @@ def _normalise_counts(num_images: Mapping[str, int]) -> dict[str, int]:
     return counts
 
 
-def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
-    """Check the destination, and return the temporary folder to write into (renamed when complete)."""
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
-        )
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / "images").mkdir(parents=True)
-    return partial
-
-
 def _write_json(path: Path, data) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
@@ -466,7 +457,17 @@ def write_synthetic_phrasecut(
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}.")
     counts = _normalise_counts(num_images)
     output_dir = Path(output_dir)
-    partial = _prepare_output(output_dir, overwrite)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
+        )
+    with atomic_folder(output_dir) as staging:
+        _write_splits(staging, counts, seed, min_size, max_size)
+    return output_dir
+
+
+def _write_splits(folder: Path, counts: dict[str, int], seed: int, min_size: int, max_size: int) -> None:
+    (folder / "images").mkdir()
     rng = np.random.default_rng(seed)
     ids = _IdCounter(rng)
     metadata, vocabulary_counts = [], {"cat": Counter(), "att": Counter(), "rel": Counter()}
@@ -484,48 +485,45 @@ def write_synthetic_phrasecut(
                 shape.ann_id = ids.next_object()
             # No chroma subsampling: colour edges stay where the polygons are (IoU >= 0.95 after JPEG).
             _render(image_rng, width, height, shapes).save(
-                partial / "images" / f"{image_id}.jpg", quality=90, subsampling=0
+                folder / "images" / f"{image_id}.jpg", quality=90, subsampling=0
             )
             metadata.append(_image_entry(image_rng, image_id, width, height, split))
             if index < counts[split]:
                 tasks.extend(_tasks_for_image(image_rng, image_id, shapes, ids))
-        _write_json(partial / f"refer_{split}.json", tasks)
+        _write_json(folder / f"refer_{split}.json", tasks)
         for task in tasks:
             structure = task["phrase_structure"]
             vocabulary_counts["cat"][structure["name"]] += 1
             vocabulary_counts["att"].update(structure["attributes"])
             vocabulary_counts["rel"].update(predicate for predicate, _ in structure["relation_descriptions"])
 
-    _write_json(partial / "image_data_split.json", metadata)
+    _write_json(folder / "image_data_split.json", metadata)
     _write_json(
-        partial / "name_att_rel_count.json",
+        folder / "name_att_rel_count.json",
         {
             kind: sorted(([w, n] for w, n in counter.items()), key=lambda p: (-p[1], p[0]))
             for kind, counter in vocabulary_counts.items()
         },
     )
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
-    return output_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Write a synthetic PhraseCut dataset in the real on-disk layout."
-    )
-    parser.add_argument("--output_dir", required=True, help="Folder to create (refer_*.json, images/, ...).")
-    parser.add_argument("--num_train", type=int, default=200)
-    parser.add_argument("--num_val", type=int, default=40)
-    parser.add_argument("--num_test", type=int, default=40)
-    parser.add_argument("--num_miniv", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min_size", type=int, default=160, help="Smallest image side, in pixels.")
-    parser.add_argument("--max_size", type=int, default=320, help="Largest image side, in pixels.")
+    parser = ArgumentParser(description="Write a synthetic PhraseCut dataset in the real on-disk layout.")
+    parser.add_argument("--output_dir", required=True, help="folder to create (refer_*.json, images/, ...)")
+    parser.add_argument("--num_train", type=int, default=200, help="training images with phrases")
+    parser.add_argument("--num_val", type=int, default=40, help="validation images")
+    parser.add_argument("--num_test", type=int, default=40, help="test images")
+    parser.add_argument("--num_miniv", type=int, default=10, help="miniv images (a small validation split)")
     parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="Replace a non-empty --output_dir."
+        "--seed", type=int, default=0, help="the same seed and arguments write the same files"
+    )
+    parser.add_argument("--min_size", type=int, default=160, help="smallest image side, in pixels")
+    parser.add_argument("--max_size", type=int, default=320, help="largest image side, in pixels")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir"
     )
     args = parser.parse_args(argv)
+    setup_logging()
     try:
         path = write_synthetic_phrasecut(
             args.output_dir,
@@ -539,9 +537,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     with_phrases = sum((args.num_train, args.num_val, args.num_test, args.num_miniv))
     without = len(list((path / "images").glob("*.jpg"))) - with_phrases
-    print(
-        f"wrote a synthetic PhraseCut with {with_phrases} images with phrases and {without} train images without "
-        f"any (as in the real data) to {path}"
+    logger.info(
+        f"wrote a synthetic PhraseCut with {plural(with_phrases, 'image')} with phrases and {without} train images "
+        f"without any (as in the real data) to {path}"
     )
 
 

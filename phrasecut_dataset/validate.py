@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from clipseg_tools.errors import CommandError
+
 SKIP_HINT = "pass skip_bad=True to skip and count such entries"
 
 TASK_FIELDS = ("task_id", "image_id", "ann_ids", "Polygons", "instance_boxes", "phrase", "phrase_structure")
@@ -24,8 +26,9 @@ STRUCTURE_FIELDS = ("name", "attributes", "relation_ids", "relation_descriptions
 IMAGE_FIELDS = ("image_id", "width", "height")
 
 
-class PhraseCutFormatError(ValueError):
+class PhraseCutFormatError(CommandError, ValueError):
     """Raw PhraseCut data (or an argument pointing at it) is wrong; the message says where and what to do.
+    A command ends on it with that one sentence (exit code 2), as on any bad input.
 
     `reason` is a short key ("missing_image", "polygon_too_few_points", ...) when the problem is
     confined to one image or task and can be skipped with `skip_bad=True`; None otherwise.
@@ -137,7 +140,7 @@ def _number_list(value: Any, length: int) -> bool:
 
 
 def _check_polygons(polygons: Any, width: int, height: int, where: str) -> list[list[np.ndarray]]:
-    """Polygons -> instances of float32 arrays [N, 2]; rejects malformed, degenerate or off-image polygons."""
+    """Polygons -> instances of float64 arrays [N, 2]; rejects malformed, degenerate or off-image polygons."""
     if not isinstance(polygons, list) or not polygons:
         raise PhraseCutFormatError(
             f"{where}: 'Polygons' must be a non-empty list of instances; {SKIP_HINT}.", "bad_polygon"
@@ -160,8 +163,9 @@ def _check_polygons(polygons: Any, width: int, height: int, where: str) -> list[
                     f"{label} has {len(polygon)} point(s), fewer than three; {SKIP_HINT}.",
                     "polygon_too_few_points",
                 )
-            # float32 is what the dataset stores; every later mask is drawn from these values.
-            points = np.asarray(polygon, dtype=np.float32)
+            # Kept as the JSON has them (float64): the rasteriser truncates each vertex, and a vertex just below an
+            # integer (115.99999999999999, from PhraseCut's own k/600*width) would round up in float32.
+            points = np.asarray(polygon, dtype=np.float64)
             xs, ys = points[:, 0].astype(np.int64), points[:, 1].astype(np.int64)  # the rasteriser's int()
             if xs.max() < 0 or ys.max() < 0 or xs.min() >= width or ys.min() >= height:
                 raise PhraseCutFormatError(
@@ -223,6 +227,6 @@ def check_task(task: Any, width: int, height: int, where: str) -> dict:
             "type": str(structure["type"]),
         },
         "polygons": instances,
-        "instance_boxes": np.asarray(boxes, dtype=np.float32),
+        "instance_boxes": np.asarray(boxes, dtype=np.float64),
         "ann_ids": list(task["ann_ids"]),
     }

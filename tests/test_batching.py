@@ -12,20 +12,24 @@ from clipseg_tools.batching import (
     TrainingOptions,
     TrainingSamples,
     collate_training,
+    random_square_crop,
+    tokenize,
+    visual_prompt,
+)
+from clipseg_tools.data import shrink_images
+from clipseg_tools.prompts import TEMPLATES, apply_template
+from clipseg_tools.tiny_clip import build_word_tokenizer
+from clipseg_tools.transforms import (
+    decode_image,
+    image_to_tensor,
     image_to_uint8,
     model_inputs,
     normalize_pixels,
     pack_masks,
-    random_square_crop,
     stack_images,
-    task_mask,
-    tokenize,
     unpack_masks,
-    visual_prompt,
 )
-from clipseg_tools.prompts import TEMPLATES, apply_template
-from clipseg_tools.tiny_clip import build_word_tokenizer
-from phrasecut_dataset import decode_image, image_to_tensor, resize_image, shrink_images
+from phrasecut_dataset import task_mask
 
 
 def samples(split, **options):
@@ -92,8 +96,8 @@ def test_visual_prompts_come_with_text_weights(train_split):
     for item in (data[i] for i in range(len(data))):
         index, weights = item["visual_index"].tolist(), item["text_weight"].tolist()
         assert len(weights) == len(item["phrases"]) == 2
-        assert len(item["visual_pixel_values"]) == len(index) and all(
-            tuple(v.shape) == (3, 64, 64) for v in item["visual_pixel_values"]
+        assert len(item["conditional_pixel_values"]) == len(index) and all(
+            tuple(v.shape) == (3, 64, 64) for v in item["conditional_pixel_values"]
         )
         assert all((0.1 <= w <= 0.4) if k in index else w == 1.0 for k, w in enumerate(weights))
         mixed += len(index)
@@ -106,13 +110,15 @@ def test_collated_visual_prompts_point_at_their_phrases(train_split, tmp_path):
     tokenizer = build_word_tokenizer(["red", "circle"], tmp_path, max_length=16)
     batch = collate_training(items, tokenizer=tokenizer, max_length=16)
     visuals = [
-        (k, v) for item in items for k, v in zip(item["visual_index"].tolist(), item["visual_pixel_values"])
+        (k, v)
+        for item in items
+        for k, v in zip(item["visual_index"].tolist(), item["conditional_pixel_values"])
     ]
     starts = np.cumsum([0] + [len(item["phrases"]) for item in items])
     expected_index = [start + k for item, start in zip(items, starts) for k in item["visual_index"].tolist()]
     assert visuals and batch["visual_index"].tolist() == expected_index
-    assert batch["visual_pixel_values"].shape == (len(visuals), 3, 64, 64)
-    assert all(torch.equal(batch["visual_pixel_values"][i], v) for i, (_, v) in enumerate(visuals))
+    assert batch["conditional_pixel_values"].shape == (len(visuals), 3, 64, 64)
+    assert all(torch.equal(batch["conditional_pixel_values"][i], v) for i, (_, v) in enumerate(visuals))
     assert torch.equal(batch["text_weight"], torch.cat([item["text_weight"] for item in items]))
 
 
@@ -153,7 +159,8 @@ def test_training_pixels_are_the_cropped_and_resized_image(train_split, stored_a
         image = decode_image(row["image"])
         anchor_mask = task_mask(task, row, image.height, image.width)
         top, left, side = random_square_crop(anchor_mask, np.random.default_rng([2, 0, item]))
-        expected = np.array(resize_image(image.crop((left, top, left + side, top + side)), 64))
+        crop = image.crop((left, top, left + side, top + side))
+        expected = np.array(crop if crop.size == (64, 64) else crop.resize((64, 64), Image.BILINEAR))
         sample = data[item]
         assert torch.equal(sample["pixel_values"], torch.from_numpy(expected).permute(2, 0, 1))
         assert sample["masks"].shape == (1, 64, 64)

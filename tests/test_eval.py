@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import run_eval
+from clipseg_tools.errors import CommandError
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +127,7 @@ def test_a_folder_that_is_not_a_model_is_named_before_any_scoring(
 def test_a_model_folder_that_does_not_load_is_named(tmp_path, synthetic_data):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")  # passes the early check, fails to load
-    with pytest.raises(run_eval.EvaluationError, match="is not a loadable model"):
+    with pytest.raises(CommandError, match="is not a loadable model"):
         run_eval.main(["--model", str(tmp_path / "broken"), "--data_dir", str(synthetic_data),
                        "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"])  # fmt: skip
 
@@ -142,7 +143,7 @@ def test_a_split_that_was_not_prepared_is_named(tmp_path, saved_models):
         str(export / "data" / "train-00000-of-00001.parquet")
     )
     with pytest.raises(
-        run_eval.EvaluationError,
+        CommandError,
         match="--split 'test': --dataset_name .* has no prepared split 'test' \\(it has \\['train'\\]\\)",
     ):
         run_eval.main(
@@ -175,7 +176,7 @@ def test_a_prediction_of_the_wrong_shape_is_reported(tmp_path, synthetic_data, s
         "load_model",
         lambda spec, device: (HalfSize(real_load(spec, device)[0]), real_load(spec, device)[1]),
     )
-    with pytest.raises(run_eval.EvaluationError, match=r"predicted logits of shape \(\d+, 32, 32\)"):
+    with pytest.raises(CommandError, match=r"predicted logits of shape \(\d+, 32, 32\)"):
         run_eval.main(
             [
                 "--model",

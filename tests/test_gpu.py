@@ -54,15 +54,14 @@ def test_a_training_step_issues_no_synchronising_call(example_images):
 
     from accelerate import Accelerator
 
-    import run_train
+    from clipseg_tools.training import LossTally, make_optimizer, training_step
 
     torch.manual_seed(0)
     model = ClipSegCustomModel(tiny_config()).cuda()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    args = run_train.build_parser().parse_args(["--output_dir", "unused", "--max_grad_norm", "1"])
     accelerator = Accelerator(mixed_precision="bf16")
-    model, optimizer = accelerator.prepare(model, run_train.make_optimizer(args, trainable))
-    window = run_train.new_window(accelerator.device, 0)
+    model, optimizer = accelerator.prepare(model, make_optimizer(trainable, 1e-3, 1e-4))
+    tally = LossTally.on(accelerator.device)
     batch = {
         "pixel_values": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8).pin_memory(),
         "input_ids": token_ids(2, 7, seed=1).pin_memory(),
@@ -71,18 +70,20 @@ def test_a_training_step_issues_no_synchronising_call(example_images):
         "labels": (torch.rand(2, 64, 64) > 0.5).pin_memory(),
     }
     if example_images:
-        batch["visual_pixel_values"] = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).pin_memory()
+        batch["conditional_pixel_values"] = torch.randint(
+            0, 256, (1, 3, 64, 64), dtype=torch.uint8
+        ).pin_memory()
         batch["visual_index"] = torch.tensor([1]).pin_memory()
         batch["text_weight"] = torch.tensor([1.0, 0.3]).pin_memory()
     before = [p.detach().clone() for p in trainable]
     for _ in range(2):  # warm-up: optimizer state, cached allocations
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+        training_step(accelerator, model, optimizer, batch, tally, max_grad_norm=1.0)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+        training_step(accelerator, model, optimizer, batch, tally, max_grad_norm=1.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert window["batches"].item() == 3 and window["skipped"].item() == 0
+    assert tally.batches.item() == 3 and tally.skipped.item() == 0
     assert not any(torch.equal(a, b) for a, b in zip(before, trainable))
 
 

@@ -260,6 +260,33 @@ def test_refined_head_upsamples_by_the_patch_size_for_any_patch(patch):
     assert logits.shape == (2, 4 * patch, 3 * patch)  # non-square inputs too
 
 
+@pytest.mark.parametrize("patch", [8, 32])
+def test_a_stock_refined_checkpoint_of_another_patch_size_gives_its_own_logits(tmp_path, patch):
+    """transformers' refined head has strides patch_size // 4 twice (upsampling 64x for patch 32, as its default
+    ViT-B/32 vision config has): imported, the model keeps that geometry and gives the stock logits; a new
+    model of that patch size gets a head that upsamples by the patch size."""
+    torch.manual_seed(0)
+    vision = {**VISION, "patch_size": patch, "image_size": 2 * patch}
+    config = CLIPSegConfig(
+        text_config=TEXT, vision_config=vision, use_complex_transposed_convolution=True, **DECODER
+    )
+    stock = CLIPSegForImageSegmentation(config).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    ours = ClipSegCustomModel.from_pretrained(tmp_path / "stock").eval()
+    assert ours.config.refined_head_strides == [patch // 4, patch // 4]
+    pixels = torch.randn(2, 3, 2 * patch, 2 * patch, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = stock(pixel_values=pixels, input_ids=token_ids(2)).logits
+        got = ours(pixel_values=pixels, input_ids=token_ids(2)).logits
+    assert_same_logits(got, expected)
+    assert got.shape[-1] == 2 * (patch // 4) ** 2  # not the input's size: the stock geometry, kept
+    ours.save_as_clipseg(tmp_path / "back")  # and it goes back to a stock checkpoint
+    new = ClipSegCustomModel(
+        ClipSegCustomConfig(text_config=TEXT, vision_config=vision, image_size=2 * patch, **DECODER)
+    )
+    assert new.config.refined_head_strides == list(refined_head_strides(patch))
+
+
 def test_patch_size_other_than_16_refined_cannot_go_to_stock_transformers():
     config = ClipSegCustomConfig(
         text_config=TEXT, vision_config={**VISION, "patch_size": 8}, image_size=64, **DECODER

@@ -9,11 +9,11 @@ import datasets
 import numpy as np
 import pytest
 
+from clipseg_tools.transforms import decode_image
 from phrasecut_dataset import (
     FEATURES,
     KNOWN_BAD_IMAGE_IDS,
     PhraseCut,
-    decode_image,
     load_phrasecut,
     polygons_to_mask,
     prepare_phrasecut,
@@ -56,7 +56,7 @@ def test_row_fields_and_task_order(tiny):
         "type": "relation",
     }
     assert relation["ann_ids"] == [1058002, 1058003]
-    # Two instances, the first drawn as two polygons; float32 coordinates, not closed.
+    # Two instances, the first drawn as two polygons; coordinates as the JSON has them, not closed.
     polygons = relation["polygons"]
     assert [len(instance) for instance in polygons] == [2, 1]
     np.testing.assert_allclose(polygons[0][0], [[0.0, 0.0], [3.9, 0.2], [0.4, 3.7]], rtol=1e-6)
@@ -82,6 +82,23 @@ def test_masks_match_the_hand_counted_pixels(tiny):
     assert row_masks(val).sum(axis=(1, 2)).tolist() == [64, 6]
     assert row_masks(dataset["test"][0]).sum() == 5 * 4  # five 2x2 instances
     assert row_masks(dataset["miniv"][0]).all()  # vertices at -0.5 truncate to 0: the whole image
+
+
+def test_vertices_keep_the_jsons_value_so_masks_truncate_as_the_official_rasteriser_does(tmp_path):
+    """PhraseCut's own k/600*width coordinates give vertices just below an integer: stored as float32 they
+    would round up to it, and int() would then draw them a pixel further than the official rasteriser."""
+    data = tmp_path / "data"
+    shutil.copytree(TINY, data)
+    refer = json.loads((data / "refer_train.json").read_text())
+    below_four = 3.9999999999999996
+    assert int(below_four) == 3 and int(np.float32(below_four)) == 4
+    refer[0]["Polygons"] = [[[[0.0, 0.0], [below_four, 0.0], [below_four, 5.0], [0.0, 5.0]]]]
+    (data / "refer_train.json").write_text(json.dumps(refer))
+    row = load_phrasecut(data, cache_dir=tmp_path / "cache", splits=["train"])["train"][0]
+    assert row["tasks"][0]["polygons"][0][0][1][0] == below_four
+    official = polygons_to_mask(refer[0]["Polygons"], row["height"], row["width"])
+    assert official.sum() == 4 * 6  # columns 0..3, rows 0..5
+    np.testing.assert_array_equal(row_masks(row)[0], official)
 
 
 def test_subsets_computed_by_hand(tiny):

@@ -10,8 +10,10 @@ import pytest
 import yaml
 from huggingface_hub import HfApi
 
+from clipseg_tools.errors import CommandError
 from phrasecut_dataset import (
     FEATURES,
+    PhraseCutFormatError,
     export_dataset,
     load_phrasecut,
     push_export_to_hub,
@@ -167,7 +169,9 @@ def test_push_uploads_exactly_the_export_and_removes_stale_shards(synthetic):
 
 def test_push_offline_says_what_to_do(synthetic):
     _, _, out = synthetic
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set. The export in .* is complete"):
+    with pytest.raises(
+        CommandError, match="(?s)HF_HUB_OFFLINE.*The export in .* is complete; push it later with"
+    ):
         push_export_to_hub(out, "someone/phrasecut")
 
 
@@ -175,7 +179,12 @@ def test_command_line_exports_and_pushes(tmp_path, capsys):
     out = tmp_path / "export"
     hub = FakeHub()
     argv = ["--data_dir", str(TINY), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]
-    with hub.patch():
+    # Offline, the push is refused before any export work (tests run with HF_HUB_OFFLINE set).
+    with pytest.raises(SystemExit) as stop:
+        publish_main([*argv, "--push_to_hub", "--hub_dataset_id", "someone/tiny"])
+    assert stop.value.code == 2 and "--push_to_hub: HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert not out.exists()
+    with hub.patch(), mock.patch("phrasecut_dataset.publish.hub_access_problem", return_value=None):
         publish_main([*argv, "--push_to_hub", "--hub_dataset_id", "someone/tiny"])
     printed = capsys.readouterr().out
     assert "exported train: 1 images, validation: 1 images, test: 1 images, miniv: 1 images" in printed
@@ -195,6 +204,5 @@ def test_command_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         publish_main(["--data_dir", str(TINY), "--output_dir", str(tmp_path / "o"), "--push_to_hub"])
     assert "--push_to_hub needs --hub_dataset_id" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(PhraseCutFormatError, match="is not a directory"):
         publish_main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
-    assert "is not a directory" in capsys.readouterr().err

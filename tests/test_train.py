@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -197,22 +198,23 @@ def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_
     from huggingface_hub import HfApi, ModelCard
     from huggingface_hub.hf_api import RepoUrl
 
-    import run_train
+    from clipseg_tools.checkpoints import STAYS_LOCAL
+    from clipseg_tools.hub import push_folder
 
     sent = {}
 
     def fake_create_commit(self, repo_id, operations, **kwargs):
         sent["repo"] = repo_id
         sent["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    args = mock.Mock(hub_token="hf_test", hub_model_id="someone/clipseg-demo", hub_private_repo=False)
     with (
         mock.patch.object(
             HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
         ),
         mock.patch.object(HfApi, "create_commit", fake_create_commit),
     ):
-        run_train.push_output(args, out)
+        push_folder(out, "someone/clipseg-demo", local_only=STAYS_LOCAL, token="hf_test")
     assert sent["repo"] == "someone/clipseg-demo"
     names = set(sent["files"])
     assert SAVED_MODEL_FILES <= names
@@ -226,6 +228,7 @@ def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_
     from huggingface_hub import HfApi, constants
 
     import run_train
+    from clipseg_tools.hub import hub_access_problem
 
     argv = train_args(
         synthetic_data, tiny_clip_dir, tmp_path / "out", "--push_to_hub", "--hub_model_id", "a/b"
@@ -239,18 +242,16 @@ def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_
         raise OSError("401 Unauthorized")
 
     with mock.patch.object(constants, "HF_HUB_OFFLINE", False), mock.patch.object(HfApi, "whoami", refused):
-        assert "(OSError: 401 Unauthorized); log in with `hf auth login`" in run_train.hub_access_problem(
-            "bad"
-        )
+        assert "(OSError: 401 Unauthorized); log in with `hf auth login`" in hub_access_problem("bad")
 
     def account(role):
         return lambda self: {"name": "someone", "auth": {"accessToken": {"role": role}}}
 
     online = mock.patch.object(constants, "HF_HUB_OFFLINE", False)
     with online, mock.patch.object(HfApi, "whoami", account("read")):
-        assert "the token is read-only" in run_train.hub_access_problem("read-only")
+        assert "the token is read-only" in hub_access_problem("read-only")
     with online, mock.patch.object(HfApi, "whoami", account("write")):
-        assert run_train.hub_access_problem("good") is None
+        assert hub_access_problem("good") is None
         assert run_train.parse_args(argv).push_to_hub
     # Only the first process asks the Hub (its account endpoint is rate-limited).
     with mock.patch.object(constants, "HF_HUB_OFFLINE", True), mock.patch.dict(os.environ, {"RANK": "1"}):
@@ -260,22 +261,24 @@ def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_
 def test_a_failed_push_says_where_the_model_is_and_how_to_push_it(tmp_path):
     from huggingface_hub import HfApi
 
-    import run_train
+    from clipseg_tools.checkpoints import STAYS_LOCAL
+    from clipseg_tools.errors import FAILED, CommandError
+    from clipseg_tools.hub import push_folder
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
-    args = mock.Mock(hub_token=None, hub_model_id="someone/model", hub_private_repo=True)
 
     def unreachable(self, repo_id, **kwargs):
         raise ConnectionError("Name or service not known")
 
-    with mock.patch.object(HfApi, "create_repo", unreachable), pytest.raises(OSError) as failed:
-        run_train.push_output(args, tmp_path / "out")
+    with mock.patch.object(HfApi, "create_repo", unreachable), pytest.raises(CommandError) as failed:
+        push_folder(tmp_path / "out", "someone/model", local_only=STAYS_LOCAL, private=True)
+    assert failed.value.exit_code == FAILED
     assert "--push_to_hub someone/model failed (ConnectionError: Name or service not known)" in str(
         failed.value
     )
     retry = f"`hf upload someone/model {tmp_path / 'out'} --private --exclude 'checkpoints/*' "
-    assert f"saved in {tmp_path / 'out'}; push it later with {retry}" in str(failed.value)
+    assert f"The model in {tmp_path / 'out'} is complete; push it later with {retry}" in str(failed.value)
     assert "--exclude 'runs/*' --exclude '.*'`" in str(failed.value)  # what files_to_push leaves out
 
 
@@ -390,7 +393,7 @@ def test_a_hub_id_that_is_not_cached_offline_is_named_with_the_way_to_get_it():
 def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, tiny_clip_dir, monkeypatch):
     import run_eval
     import run_train
-    from clipseg_tools import data
+    from clipseg_tools import loader as data
 
     usable_cpus = data.usable_cpus
 
@@ -441,32 +444,26 @@ def test_negative_worker_counts_are_refused_by_name(tmp_path, tiny_clip_dir, cap
 
 
 def tiny_training(tiny_clip_dir, **accelerator_options):
-    """A tiny model, its fused optimizer and a fresh log window, prepared by Accelerate on the CPU."""
-
+    """A tiny model and its fused optimizer prepared by Accelerate on the CPU, and a fresh loss tally."""
     from accelerate import Accelerator
 
-    import run_train
+    from clipseg_tools.training import LossTally, make_optimizer
     from modeling_clipseg_custom import ClipSegCustomModel
 
     model = ClipSegCustomModel.from_clip(
         str(tiny_clip_dir), image_size=32, reduce_dim=16, extract_layers=[0, 1]
     )
-    args = run_train.build_parser().parse_args(
-        [
-            "--output_dir",
-            "unused",
-            "--learning_rate",
-            "1e-2",
-            "--max_grad_norm",
-            "1",
-            "--max_nonfinite_losses",
-            "1",
-        ]
-    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     accelerator = Accelerator(cpu=True, **accelerator_options)
-    model, optimizer = accelerator.prepare(model, run_train.make_optimizer(args, trainable))
-    return args, accelerator, model, optimizer, trainable, run_train.new_window(accelerator.device, 0)
+    model, optimizer = accelerator.prepare(model, make_optimizer(trainable, 1e-2, 1e-4))
+    return accelerator, model, optimizer, trainable, LossTally.on(accelerator.device)
+
+
+def step(accelerator, model, optimizer, batch, tally):
+    """run_train.py's training step, as its loop calls it with --max_grad_norm 1."""
+    from clipseg_tools.training import training_step
+
+    training_step(accelerator, model, optimizer, batch, tally, max_grad_norm=1.0)
 
 
 def tiny_batch(labels):
@@ -487,29 +484,35 @@ def pc_plus_batch(labels):
 
     return {
         **tiny_batch(labels),
-        "visual_pixel_values": torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8),
+        "conditional_pixel_values": torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8),
         "visual_index": torch.tensor([1]),
         "text_weight": torch.tensor([1.0, 0.3]),
     }
 
 
-def test_pc_plus_mixes_each_phrase_with_its_example_image_as_the_model_does(tiny_clip_dir):
+def test_pc_plus_mixes_each_phrase_with_its_example_image_and_leaves_the_others_alone(tiny_clip_dir):
     import torch
 
-    import run_train
-    from clipseg_tools.batching import model_inputs
+    from clipseg_tools.transforms import model_inputs
 
-    model = tiny_training(tiny_clip_dir)[2]
+    model = tiny_training(tiny_clip_dir)[1]
     batch = model_inputs(pc_plus_batch(torch.rand(2, 32, 32) > 0.5), "cpu")
-    mixed = run_train.conditional_embeddings(model, batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
+        mixed = model(
+            pixel_values=batch["pixel_values"],
+            input_ids=ids,
+            conditional_pixel_values=batch["conditional_pixel_values"],
+            visual_index=batch["visual_index"],
+            text_weight=batch["text_weight"],
+            image_index=batch["image_index"],
+        ).conditional_embeddings
         text_only = model.text_embeddings(ids[:1], mask[:1])
         own_mix = model(
             pixel_values=batch["pixel_values"][1:],
             input_ids=ids[1:],
             attention_mask=mask[1:],
-            conditional_pixel_values=batch["visual_pixel_values"],
+            conditional_pixel_values=batch["conditional_pixel_values"],
             text_weight=0.3,
         ).conditional_embeddings
     assert torch.allclose(mixed[0], text_only[0], atol=1e-6)
@@ -517,81 +520,79 @@ def test_pc_plus_mixes_each_phrase_with_its_example_image_as_the_model_does(tiny
     assert not torch.allclose(mixed[1], model.text_embeddings(ids[1:], mask[1:])[0], atol=1e-3)
 
 
-def test_non_finite_losses_skip_their_steps_on_the_device_are_counted_and_stop_the_run(tiny_clip_dir, capsys):
+def test_non_finite_losses_skip_their_steps_on_the_device_are_counted_and_stop_the_run(tiny_clip_dir, caplog):
     import torch
 
-    import run_train
+    from clipseg_tools.errors import CommandError
+    from clipseg_tools.training import TrainerState, count_skipped_steps
 
-    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    accelerator, model, optimizer, trainable, tally = tiny_training(tiny_clip_dir)
     broken = tiny_batch(torch.full((2, 32, 32), float("nan")))  # a broken target: the loss is NaN
     finite = tiny_batch(torch.rand(2, 32, 32) > 0.5)
     weights = lambda: [p.detach().clone() for p in trainable]  # noqa: E731
     before = weights()
-    state = {"step": 0, "nonfinite_losses": 0}
+    state = TrainerState()
 
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
+    step(accelerator, model, optimizer, broken, tally)
     assert all(torch.equal(a, b) for a, b in zip(before, weights()))  # not trained on
     assert all(p.grad is None for p in trainable)  # its non-finite gradients are dropped
     assert all(optimizer.state[p]["step"] == 0 for p in trainable)  # nor counted as an Adam step
-    assert window["skipped"] == 1 and window["batches"] == 0 and window["loss"] == 0
-    state["step"] = 1
-    run_train.count_skipped_steps(args, accelerator, window, state)
-    assert state["nonfinite_losses"] == 1 and window["skipped"] == 0
-    assert "steps 1-1: 1 optimizer step(s) skipped for a non-finite loss" in capsys.readouterr().out
+    assert tally.skipped == 1 and tally.batches == 0 and tally.loss == 0
+    state.global_step = 1
+    count_skipped_steps(tally, state, max_nonfinite_losses=1)
+    assert state.nonfinite_losses == 1 and tally.skipped == 0
+    assert "steps 1-1: 1 optimizer step(s) skipped for a non-finite loss" in caplog.text
+    caplog.clear()
 
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, finite, window)
+    step(accelerator, model, optimizer, finite, tally)
     assert not any(torch.equal(a, b) for a, b in zip(before, weights()))  # the next step trains
     assert all(optimizer.state[p]["step"] == 1 for p in trainable)
-    assert window["batches"] == 1 and 0 < window["loss"] < 10
-    state["step"] = 2
-    run_train.count_skipped_steps(args, accelerator, window, state)
-    assert state["nonfinite_losses"] == 1 and capsys.readouterr().out == ""
+    assert tally.batches == 1 and 0 < tally.loss < 10
+    state.global_step = 2
+    count_skipped_steps(tally, state, max_nonfinite_losses=1)
+    assert state.nonfinite_losses == 1 and caplog.text == ""
 
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
-    state["step"] = 3
-    with pytest.raises(ValueError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
-        run_train.count_skipped_steps(args, accelerator, window, state)
+    step(accelerator, model, optimizer, broken, tally)
+    state.global_step = 3
+    with pytest.raises(CommandError, match="2 non-finite losses .*--max_nonfinite_losses 1"):
+        count_skipped_steps(tally, state, max_nonfinite_losses=1)
 
 
 def test_with_accumulation_a_non_finite_batch_skips_its_whole_optimizer_step(tiny_clip_dir):
     import torch
 
-    import run_train
-
-    args, accelerator, model, optimizer, trainable, window = tiny_training(
+    accelerator, model, optimizer, trainable, tally = tiny_training(
         tiny_clip_dir, gradient_accumulation_steps=2
     )
     broken = tiny_batch(torch.full((2, 32, 32), float("nan")))
     finite = tiny_batch(torch.rand(2, 32, 32) > 0.5)
     before = [p.detach().clone() for p in trainable]
     for batch in (broken, finite):  # the finite batch after it belongs to the same optimizer step
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+        step(accelerator, model, optimizer, batch, tally)
     assert all(torch.equal(a, p) for a, p in zip(before, trainable))
-    assert window["skipped"] == 1 and window["batches"] == 1 and not window["step_nonfinite"]
+    assert tally.skipped == 1 and tally.batches == 1 and not tally.step_nonfinite
     for _ in range(2):  # the next optimizer step trains again
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, finite, window)
+        step(accelerator, model, optimizer, finite, tally)
     assert not all(torch.equal(a, p) for a, p in zip(before, trainable))
-    assert window["skipped"] == 1 and window["batches"] == 3
+    assert tally.skipped == 1 and tally.batches == 3
 
 
 def skip_together_when_one_process_has_a_nan(tiny_clip_dir):
     """Run by two processes: process 0's batch has a NaN loss, process 1's a finite one."""
     import torch
 
-    import run_train
-
     torch.manual_seed(0)
-    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    accelerator, model, optimizer, trainable, tally = tiny_training(tiny_clip_dir)
     assert accelerator.num_processes == 2
     labels = torch.rand(2, 32, 32) > 0.5
     broken = tiny_batch(torch.full((2, 32, 32), float("nan")) if accelerator.process_index == 0 else labels)
     before = [p.detach().clone() for p in trainable]
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, broken, window)
+    step(accelerator, model, optimizer, broken, tally)
     assert all(torch.equal(a, p) for a, p in zip(before, trainable)), "a process stepped"
-    assert window["skipped"] == 1
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, tiny_batch(labels), window)
+    assert tally.skipped == 1
+    step(accelerator, model, optimizer, tiny_batch(labels), tally)
     assert not all(torch.equal(a, p) for a, p in zip(before, trainable))
-    assert window["skipped"] == 1
+    assert tally.skipped == 1
     checksums = accelerator.gather(sum(p.detach().double().sum() for p in trainable).reshape(1))
     assert checksums[0] == checksums[1], "the processes' weights parted"
 
@@ -607,32 +608,28 @@ def test_the_training_loader_leaves_its_batches_on_the_host(tiny_clip_dir):
     import torch
     from torch.utils.data import DataLoader
 
-    import run_train
+    from clipseg_tools.training import prepare_for_training
 
-    args, accelerator, model, optimizer, trainable, window = tiny_training(tiny_clip_dir)
+    accelerator, model, optimizer, trainable, tally = tiny_training(tiny_clip_dir)
     loader = DataLoader([torch.zeros(2)] * 4, batch_size=2)
-    *_, prepared = run_train.prepare_for_training(accelerator, model, optimizer, loader)
+    *_, prepared = prepare_for_training(accelerator, model, optimizer, loader)
     assert prepared.device is None and len(list(prepared)) == 2
 
 
 @pytest.mark.parametrize("prompts", ["phrases", "phrases and example images"])
 def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monkeypatch, prompts):
     """On a GPU every read of a tensor's value by the host waits for the device; a training step makes none
-    (logs and checkpoints read the window's sums, once per log), with example images (PC+) too."""
+    (logs and checkpoints read the tally's sums, once per log), with example images (PC+) too."""
     import traceback
 
     import torch
 
-    import run_train
-
-    args, accelerator, model, optimizer, trainable, window = tiny_training(
+    accelerator, model, optimizer, trainable, tally = tiny_training(
         tiny_clip_dir, gradient_accumulation_steps=2
     )
     batch = (tiny_batch if prompts == "phrases" else pc_plus_batch)(torch.rand(2, 32, 32) > 0.5)
-    run_train.train_batch(
-        args, accelerator, model, optimizer, trainable, batch, window
-    )  # optimizer state made
-    run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+    for _ in range(2):  # the optimizer's state made
+        step(accelerator, model, optimizer, batch, tally)
 
     def guarded(name):
         original = getattr(torch.Tensor, name)
@@ -648,9 +645,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_clip_dir, monke
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"):
         monkeypatch.setattr(torch.Tensor, name, guarded(name))
     for _ in range(2):  # a batch inside an accumulation, then one with the optimizer step
-        run_train.train_batch(args, accelerator, model, optimizer, trainable, batch, window)
+        step(accelerator, model, optimizer, batch, tally)
     monkeypatch.undo()
-    assert window["batches"] == 4
+    assert tally.batches == 4
 
 
 def test_pc_plus_trains_on_batches_from_a_data_loader_worker(tmp_path, synthetic_data, tiny_clip_dir):

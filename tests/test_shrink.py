@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples
-from phrasecut_dataset import (
-    decode_image,
-    load_phrasecut,
-    row_masks,
-    shrink_images,
-    write_synthetic_phrasecut,
-)
+from clipseg_tools.data import shrink_images
+from clipseg_tools.transforms import decode_image, resize_mask
+from phrasecut_dataset import load_phrasecut, row_masks, write_synthetic_phrasecut
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def test_shrunk_rows_have_the_short_side_and_masks_that_match(large_split):
         image = decode_image(small["image"])
         assert min(image.size) == 96 and image.size == (small["width"], small["height"])
         assert abs(small["width"] / small["height"] - row["width"] / row["height"]) < 0.02
-        native = row_masks(row, small["height"], small["width"])  # full-size masks resized
+        native = resize_mask(row_masks(row), (small["height"], small["width"]))  # full-size masks resized
         from_scaled_polygons = row_masks(small)
         for a, b in zip(native, from_scaled_polygons):
             assert iou(a, b) > 0.85, iou(a, b)
