@@ -26,20 +26,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from clipseg_tools import checkpoints
 from clipseg_tools.batching import (
     EpochSampler,
     PhraseIndex,
     TrainingOptions,
     TrainingSamples,
     collate_training,
-)
-from clipseg_tools.checkpoints import (
-    STAYS_LOCAL,
-    find_checkpoint,
-    is_checkpoint,
-    keep_decoder_only,
-    load_checkpoint,
-    save_checkpoint,
 )
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits, shrink_images
@@ -67,17 +60,12 @@ from modeling_clipseg_custom import ClipSegCustomModel, make_processor
 
 logger = logging.get_logger(__name__)
 
-# Flags that shape a new decoder, by the config field each sets; a checkpoint given with --model_name_or_path
-# brings its own.
-ARCHITECTURE_FLAGS = {
-    "image_size": "image_size",
-    "reduce_dim": "reduce_dim",
-    "extract_layers": "extract_layers",
-    "decoder_intermediate_size": "decoder_intermediate_size",
-    "decoder_num_attention_heads": "decoder_num_attention_heads",
-    "plain_head": "use_complex_transposed_convolution",
-    "init_output_bias": None,
-}
+# Flags that shape a new decoder (named as the config fields they set); a checkpoint given with
+# --model_name_or_path brings its own.
+ARCHITECTURE_FLAGS = ("image_size", "reduce_dim", "extract_layers", "decoder_intermediate_size")
+ARCHITECTURE_FLAGS += ("decoder_num_attention_heads", "plain_head", "init_output_bias")
+POSITIVE_FLAGS = ("max_train_steps", "per_device_train_batch_size", "phrases_per_image", "logging_steps")
+POSITIVE_FLAGS += ("gradient_accumulation_steps", "checkpointing_steps", "per_device_eval_batch_size")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,38 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(parser.add_argument_group("training recipe (defaults: the CLIPSeg paper's)"))
     add_run_arguments(parser.add_argument_group("output, checkpoints, evaluation, logging"))
     add_sharing_arguments(parser.add_argument_group("sharing on the Hugging Face Hub"))
-    demo = parser.add_argument_group("offline demo")
-    demo.add_argument(
-        "--demo", action="store_true", help="train on synthetic data with a small CLIP, offline (see README)"
-    )
-    demo.add_argument("--demo_images", type=int, default=1200, help="synthetic training images for --demo")
+    add = parser.add_argument_group("offline demo").add_argument
+    add("--demo", action="store_true", help="train on synthetic data with a small CLIP, offline (see README)")
+    add("--demo_images", type=int, default=1200, help="synthetic training images for --demo")
     return parser
 
 
 def add_data_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--data_dir", help="raw PhraseCut folder (refer_*.json, image_data_split.json, images/)"
-    )
-    group.add_argument(
-        "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
-    )
-    group.add_argument("--train_split", default="train", help="the split trained on")
-    group.add_argument(
-        "--validation_split", default="validation", help="the split evaluated on (during and after training)"
-    )
-    group.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
-    group.add_argument(
-        "--skip_bad_samples",
-        action="store_true",
-        help="when preparing --data_dir, skip (and count) broken entries",
-    )
-    group.add_argument(
+    add = group.add_argument
+    add("--data_dir", help="raw PhraseCut folder (refer_*.json, image_data_split.json, images/)")
+    add("--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder")
+    add("--train_split", default="train", help="the split trained on")
+    add("--validation_split", default="validation", help="the split evaluated on (during and after training)")
+    add("--cache_dir", help="where prepared datasets and downloads are cached")
+    add("--skip_bad_samples", action="store_true", help="skip broken entries of --data_dir (and count them)")
+    add(
         "--dataloader_num_workers",
         type=int,
         help="data-loader worker processes per training process (default: this machine's CPUs shared among its "
         "training processes, less one each, at most 16; 0 loads in the training process)",
     )
-    group.add_argument(
+    add(
         "--shrink_train_images",
         action="store_true",
         help="store the training images once at the model's size (short side --image_size, polygons scaled): "
@@ -133,45 +110,38 @@ def add_data_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def add_model_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--model_name_or_path", help="fine-tune a checkpoint of ours or a CIDAS one")
-    group.add_argument(
+    add = group.add_argument
+    add("--model_name_or_path", help="fine-tune a checkpoint of ours or a CIDAS one")
+    add(
         "--clip_model_name_or_path",
         default="openai/clip-vit-base-patch16",
         help="start a new decoder on this CLIP (used when --model_name_or_path is not given)",
     )
-    group.add_argument("--image_size", type=int, default=352, help="input size of a new model (pixels)")
-    group.add_argument("--reduce_dim", type=int, default=64, help="width of a new decoder (rd64, rd16)")
-    group.add_argument(
-        "--extract_layers",
-        type=int,
-        nargs="+",
-        default=[3, 6, 9],
-        help="CLIP vision layers the decoder reads",
-    )
-    group.add_argument("--decoder_intermediate_size", type=int, default=2048, help="decoder MLP width")
-    group.add_argument("--decoder_num_attention_heads", type=int, default=4, help="decoder attention heads")
-    group.add_argument(
-        "--plain_head", action="store_true", help="one transposed convolution, not the refined head"
-    )
-    group.add_argument("--decoder_dropout", type=float, default=0.1, help="dropout in the decoder blocks")
-    group.add_argument(
+    add("--image_size", type=int, default=352, help="input size of a new model (pixels)")
+    add("--reduce_dim", type=int, default=64, help="width of a new decoder (rd64, rd16)")
+    add("--extract_layers", type=int, nargs="+", default=[3, 6, 9], help="CLIP vision blocks it reads")
+    add("--decoder_intermediate_size", type=int, default=2048, help="decoder MLP width")
+    add("--decoder_num_attention_heads", type=int, default=4, help="decoder attention heads")
+    add("--plain_head", action="store_true", help="one transposed convolution, not the refined head")
+    add("--decoder_dropout", type=float, default=0.1, help="dropout in the decoder blocks")
+    add(
         "--init_output_bias",
         type=float,
         help="start a new decoder's output bias at this logit (e.g. the foreground prior, about -2.5)",
     )
-    group.add_argument(
+    add(
         "--backbone_dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
         help="dtype the frozen CLIP computes in during training (auto: the mixed precision's, else float32); "
         "the saved model keeps the starting float32 CLIP",
     )
-    group.add_argument(
+    add(
         "--compile",
         action="store_true",
         help="torch.compile the frozen CLIP towers and the decoder with its loss (the first steps compile)",
     )
-    group.add_argument(
+    add(
         "--compile_mode",
         choices=["default", "reduce-overhead"],
         default="default",
@@ -181,102 +151,67 @@ def add_model_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--per_device_train_batch_size", type=int, default=64, help="phrases per device and step"
-    )
-    group.add_argument(
-        "--phrases_per_image", type=int, default=1, help="phrases drawn per image (one vision pass)"
-    )
-    group.add_argument("--max_train_steps", type=int, default=20_000, help="optimizer steps")
-    group.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step"
-    )
-    group.add_argument("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    group.add_argument("--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends")
-    group.add_argument(
+    add = group.add_argument
+    add("--per_device_train_batch_size", type=int, default=64, help="phrases per device and step")
+    add("--phrases_per_image", type=int, default=1, help="phrases drawn per image (one vision pass)")
+    add("--max_train_steps", type=int, default=20_000, help="optimizer steps")
+    add("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    add("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    add("--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends")
+    add(
         "--lr_scheduler_type",
         choices=["cosine", "linear", "constant"],
         default="cosine",
-        help="schedule after warm-up",
+        help="after warm-up",
     )
-    group.add_argument("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
-    group.add_argument(
+    add("--num_warmup_steps", type=int, default=0, help="linear warm-up steps")
+    add(
         "--weight_decay",
         type=float,
         default=1e-4,
         help="AdamW weight decay: the recipe's --wd (the original CLIPSeg code ignored that flag and trained "
         "with PyTorch's default, 0.01)",
     )
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, help="clip gradients to this norm (off by default)")
-    group.add_argument(
-        "--negative_prob",
-        type=float,
-        default=0.2,
-        help="chance a phrase is swapped for one absent from the image (empty mask)",
-    )
-    group.add_argument(
-        "--prompt_template",
-        choices=sorted(TEMPLATES),
-        default="shuffle+",
-        help="the original's prompt templates",
-    )
-    group.add_argument(
-        "--no_random_crop", action="store_true", help="squash whole images instead of square crops"
-    )
-    group.add_argument(
-        "--mix_visual_prompts", action="store_true", help="PC+: mix text with example-image prompts"
-    )
-    group.add_argument(
-        "--mix_text_min", type=float, default=0.0, help="PC+: least weight of the text embedding"
-    )
-    group.add_argument(
-        "--mix_text_max", type=float, default=0.5, help="PC+: most weight of the text embedding"
-    )
-    group.add_argument(
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, help="clip gradients to this norm (off by default)")
+    add("--negative_prob", type=float, default=0.2, help="chance of a phrase absent from the image")
+    add("--prompt_template", choices=sorted(TEMPLATES), default="shuffle+", help="the original's templates")
+    add("--no_random_crop", action="store_true", help="squash whole images instead of square crops")
+    add("--mix_visual_prompts", action="store_true", help="PC+: mix text with example-image prompts")
+    add("--mix_text_min", type=float, default=0.0, help="PC+: least weight of the text embedding")
+    add("--mix_text_max", type=float, default=0.5, help="PC+: most weight of the text embedding")
+    add(
         "--max_nonfinite_losses",
         type=int,
         default=10,
         help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log)",
     )
-    group.add_argument(
-        "--seed", type=int, default=42, help="seeds the model, the data order and the augmentation"
-    )
+    add("--seed", type=int, default=42, help="seeds the model, the data order and the augmentation")
 
 
 def add_run_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--output_dir", required=True, help="where the model, its card, checkpoints and logs go"
-    )
-    group.add_argument(
-        "--overwrite_output_dir", action="store_true", help="start afresh in an --output_dir that holds a run"
-    )
-    group.add_argument(
-        "--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps"
-    )
-    group.add_argument("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
-    group.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
-    group.add_argument(
-        "--eval_steps", type=int, default=1000, help="evaluate every N steps (0: only at the end)"
-    )
-    group.add_argument("--max_eval_images", type=int, default=500, help="validation images used (0: all)")
-    group.add_argument(
-        "--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch"
-    )
-    group.add_argument("--logging_steps", type=int, default=10, help="log the loss every N steps")
-    group.add_argument("--with_tracking", action="store_true", help="log to the trackers of --report_to")
-    group.add_argument(
-        "--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard"
-    )
+    add = group.add_argument
+    add("--output_dir", required=True, help="where the model, its card, checkpoints and logs go")
+    add("--overwrite_output_dir", action="store_true", help="start afresh in an --output_dir holding a run")
+    add("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
+    add("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
+    add("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
+    add("--eval_steps", type=int, default=1000, help="evaluate every N steps (0: only at the end)")
+    add("--max_eval_images", type=int, default=500, help="validation images used (0: all)")
+    add("--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch")
+    add("--logging_steps", type=int, default=10, help="log the loss every N steps")
+    add("--with_tracking", action="store_true", help="log to the trackers of --report_to")
+    add("--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard")
 
 
 def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--push_to_hub", action="store_true", help="upload the saved model folder at the end")
-    group.add_argument("--hub_model_id", help="namespace/name of the model repository")
-    group.add_argument("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
-    group.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
+    add = group.add_argument
+    add("--push_to_hub", action="store_true", help="upload the saved model folder at the end")
+    add("--hub_model_id", help="namespace/name of the model repository")
+    add("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
+    add("--hub_private_repo", action="store_true", help="create the repository private")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -286,9 +221,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_demo_args(parser, args)
     else:
         check_args(parser, args)
-    args.dataloader_num_workers = worker_count(
-        parser, args.dataloader_num_workers, "--dataloader_num_workers"
-    )
+    workers = args.dataloader_num_workers
+    args.dataloader_num_workers = worker_count(parser, workers, "--dataloader_num_workers")
     return args
 
 
@@ -321,16 +255,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    at_least_one = (
-        "max_train_steps",
-        "per_device_train_batch_size",
-        "phrases_per_image",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "logging_steps",
-        "per_device_eval_batch_size",
-    )
-    for flag in at_least_one:
+    for flag in POSITIVE_FLAGS:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     for flag in ("num_warmup_steps", "max_eval_images", "eval_steps", "checkpoints_total_limit"):
@@ -364,15 +289,8 @@ def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """--demo brings its own data, CLIP and recipe: a flag it would silently override is refused."""
     from clipseg_tools.demo import DEMO_RECIPE
 
-    overridden = (
-        *DEMO_RECIPE,
-        "data_dir",
-        "dataset_name",
-        "cache_dir",
-        "model_name_or_path",
-        "clip_model_name_or_path",
-    )
-    given = [f"--{key}" for key in overridden if getattr(args, key) != parser.get_default(key)]
+    sources = ("data_dir", "dataset_name", "cache_dir", "model_name_or_path", "clip_model_name_or_path")
+    given = [f"--{key}" for key in (*DEMO_RECIPE, *sources) if getattr(args, key) != parser.get_default(key)]
     if given:
         parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
     check_run_args(parser, args)
@@ -382,7 +300,7 @@ def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What a demo and any other run both check: resuming, the output folder, the push's repository name."""
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not is_checkpoint(Path(args.resume_from_checkpoint)):
+        if not checkpoints.is_checkpoint(Path(args.resume_from_checkpoint)):
             parser.error(
                 f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
                 "trainer_state.json); pass 'latest' or a step_N folder under <output_dir>/checkpoints"
@@ -462,7 +380,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, train_loader = prepare_for_training(accelerator, model, optimizer, train_loader)
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by the loop
-    keep_decoder_only(accelerator)
+    checkpoints.keep_decoder_only(accelerator)
 
     state = TrainerState(
         model_source=model_source(args),
@@ -470,14 +388,12 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         shrink_train_images=args.shrink_train_images,
     )
     if args.resume_from_checkpoint:
-        state = load_checkpoint(accelerator, find_checkpoint(args.resume_from_checkpoint, output_dir), state)
+        state = checkpoints.load(
+            accelerator, checkpoints.find(args.resume_from_checkpoint, output_dir), state
+        )
     if args.with_tracking:
-        scalars = {
-            k: v
-            for k, v in training_config(args, accelerator).items()
-            if isinstance(v, int | float | str | bool)
-        }
-        accelerator.init_trackers("clipseg_finetune", scalars)
+        config = training_config(args, accelerator)
+        accelerator.init_trackers("clipseg_finetune", {k: v for k, v in config.items() if is_scalar(v)})
     log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable)
 
     evaluator = partial(run_evaluation, args, accelerator, split=eval_split, processor=processor)
@@ -511,9 +427,8 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         ) from error
     except ValueError as error:  # the config's own check names its fields: name the flags that set them
         message = str(error).removeprefix("Invalid ClipSegCustomConfig: ")
-        for flag, field in ARCHITECTURE_FLAGS.items():
-            if field and flag != "plain_head":
-                message = re.sub(rf"\b{field}\b", f"--{flag}", message)
+        for flag in ARCHITECTURE_FLAGS:
+            message = re.sub(rf"\b{flag}\b", f"--{flag}", message)
         raise CommandError(
             f"{message.rstrip('.')} (with the CLIP of --clip_model_name_or_path {source})"
         ) from error
@@ -595,6 +510,10 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
         seed=args.seed,
     )
     return samples, loader
+
+
+def is_scalar(value: Any) -> bool:
+    return isinstance(value, int | float | str | bool)
 
 
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
@@ -690,7 +609,7 @@ def after_step(args, accelerator, model, scheduler, progress, tally, state, eval
         if args.with_tracking:
             accelerator.log(logs, step=step)
     if checkpoint_due:
-        save_checkpoint(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
+        checkpoints.save(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
     if args.eval_steps and step % args.eval_steps == 0 and not last:
         metrics = evaluator(model, description=f"evaluating at step {step}")
         logger.info(
@@ -763,7 +682,7 @@ def finish(args, accelerator, model, processor, eval_split, state: TrainerState)
         url = push_folder(
             Path(args.output_dir),
             args.hub_model_id,
-            local_only=STAYS_LOCAL,
+            local_only=checkpoints.STAYS_LOCAL,
             private=args.hub_private_repo,
             token=args.hub_token,
             commit_message="Upload model trained with clipseg-finetune",

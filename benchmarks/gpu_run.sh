@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool's `run`), at most 8 minutes:
+# Every GPU check and timing in one run of about 8 minutes, on any machine with a CUDA GPU and 16 CPU cores
+# (fewer cores: lower --num_workers below), from the repository's root:
 #
-#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=480)
-#   run(command="LOOP_ONLY=1 bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=300)  # step + fed loop only
+#   pip install -e ".[dev]"                  # or, where torch/transformers are installed already and the machine
+#                                            # has no network: wheels of the rest in .whl/ (see below)
+#   OUT=gpu_results bash benchmarks/gpu_run.sh
+#   LOOP_ONLY=1 OUT=gpu_results bash benchmarks/gpu_run.sh   # the training step and the data-fed loop only
 #
-# 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers; run_train.py's
-#    training step under PyTorch's sync debug mode, set to errors);
+# 0. the tests only a GPU runs (tests/test_gpu.py: the towers' CUDA graph against the eager towers; the training
+#    step under PyTorch's sync debug mode, set to errors);
 # 1. run_train.py itself on the GPU: eager and --compile --compile_mode reduce-overhead (CUDA graphs) on one
 #    small job: the same losses (benchmarks/train_check.py); meanwhile the loop's data is written and stored at
 #    the model's size;
@@ -13,11 +16,11 @@
 #    CLIPSeg on every case, bf16, batch 64, with the stages, an operator profile and the device's idle gaps;
 # 3. the training loop fed by the data pipeline (images stored at the model's size, 14 worker processes; ours
 #    runs run_train.py's own training step);
-# beside parts 0 and 1: benchmarks/data_samples.py (the data pipeline's CPU costs on this machine).
-# Each part is its own process with its own time limit. The GPU image has torch, transformers and accelerate
-# but not `datasets`: the wheels of datasets and its missing dependencies go in .whl/ (benchmarks/RESULTS.md
-# has the download line). Results go to $OUT; the summary is printed last. Calls 4 and 5 ran earlier
-# versions of this script (benchmarks/RESULTS.md).
+# beside parts 0 and 1: benchmarks/data_samples.py (the data pipeline's CPU costs on that machine).
+# Each part is its own process with its own time limit; results go to $OUT, the summary is printed last.
+# Offline machines: put the wheels of what the machine lacks (e.g. `datasets` and its dependencies, simplejpeg,
+# pytest) in .whl/, made elsewhere with `pip download --only-binary=:all: --platform ... -d .whl ...`; they are
+# installed into /tmp/site first.
 set -uo pipefail
 OUT=${OUT:-/tmp/clipseg_gpu_out}
 mkdir -p "$OUT"

@@ -1,1 +1,17 @@
-"""Pieces shared by the training and evaluation scripts (transforms, batching, metrics)."""
+"""The library the scripts (`run_train.py`, `run_eval.py`), the benchmarks and the tests are built from.
+
+- `transforms`: image cells decoded, images and masks resized, pixels normalised, batches to the device;
+- `batching`: dataset rows to training and evaluation samples and batches (one vision pass per image);
+- `loader`: the one DataLoader factory, and the default number of data-loader workers;
+- `handover`: batches from loader workers through reused shared memory;
+- `data`: the splits a script needs, and training images stored once at the model's size;
+- `training`: the training step, the run's state, the optimizer and its schedule;
+- `checkpoints`: saving, finding and resuming from training checkpoints;
+- `evaluation`, `metrics`, `gallery`: scoring under both protocols, the arithmetic, the failure pictures;
+- `model_card`, `hub`, `sources`: the card, pushing to the Hub, where models come from;
+- `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;
+- `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates.
+
+`errors`, `files` and `hub` import nothing of the project, so the dataset package (`phrasecut_dataset`) can
+use them; every other module may import the dataset package, never the other way round.
+"""

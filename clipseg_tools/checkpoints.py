@@ -45,7 +45,7 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, keep: int) -> Path:
+def save(accelerator: Any, output_dir: Path, state: TrainerState, keep: int) -> Path:
     """Every process saves its part into a temporary folder, which then gets its `step_N` name; only the
     newest `keep` checkpoints stay (all of them with `keep` 0)."""
     final = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
@@ -65,7 +65,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, kee
     return final
 
 
-def find_checkpoint(given: str, output_dir: Path) -> Path:
+def find(given: str, output_dir: Path) -> Path:
     """`--resume_from_checkpoint`: 'latest' (the run's newest checkpoint) or a checkpoint folder."""
     if given != "latest":
         return Path(given)
@@ -77,7 +77,7 @@ def find_checkpoint(given: str, output_dir: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(accelerator: Any, checkpoint: Path, current: TrainerState) -> TrainerState:
+def load(accelerator: Any, checkpoint: Path, current: TrainerState) -> TrainerState:
     """Restore the checkpoint into the prepared objects and return its state; refused, with the flag named,
     when `current` (this run's settings) differs from it in what changes the numbers."""
     saved = TrainerState.from_json((checkpoint / STATE_FILE).read_text())

@@ -287,8 +287,7 @@ class ThresholdSweep:
     accelerator to `update`: each batch's counts are gathered with `gather_for_metrics`, which drops
     the duplicates padded into the last batch, so every process ends with every sample exactly once.
     Loaders whose items carry a varying number of samples (an image with all its phrases, as in
-    `clipseg_tools.evaluation`) gather their counts themselves and use `add_counts`; sweeps built
-    separately combine with `merge`.
+    `clipseg_tools.evaluation`) gather their counts themselves and use `add_counts`.
 
     Example:
         sweep = ThresholdSweep()
@@ -347,16 +346,6 @@ class ThresholdSweep:
         self._sample_ids.append(ids)
         self._num_rows += counts.shape[0]
 
-    def merge(self, other: ThresholdSweep) -> ThresholdSweep:
-        """A new sweep holding the rows of `self` followed by those of `other`."""
-        if not np.array_equal(self.thresholds, other.thresholds):
-            raise ValueError("Cannot merge sweeps over different threshold grids.")
-        merged = ThresholdSweep(self.thresholds)
-        for sweep in (self, other):
-            if len(sweep):
-                merged.add_counts(sweep.counts, sweep.sample_ids)
-        return merged
-
     @property
     def counts(self) -> torch.Tensor:
         """`[N, T, 4]` int64 counts of every sample added so far, in order of arrival."""
@@ -392,13 +381,6 @@ class ThresholdSweep:
     def per_sample_iou(self) -> np.ndarray:
         """`[N, T]` smoothed IoU, row for row with `sample_ids`."""
         return per_sample_iou(self._checked_counts(), self.thresholds)
-
-    def failures(
-        self, iou_below: float = 0.5, threshold_range: tuple[float, float] = (0.1, 0.5)
-    ) -> list[int]:
-        """Ids of the samples whose IoU stays below `iou_below` at every threshold in the range."""
-        failed = low_iou_samples(self._checked_counts(), self.thresholds, iou_below, threshold_range)
-        return self.sample_ids[torch.from_numpy(failed)].tolist()
 
 
 # --------------------------------------------------------------------------------------------

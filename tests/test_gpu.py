@@ -1,5 +1,5 @@
 """What only a CUDA GPU can run: the towers' own CUDA graph (`TowerGraph`, compile mode reduce-overhead), and a
-training step that never waits for the device. Skipped without a GPU; benchmarks/gpu_run.sh runs it on a lent one."""
+training step that never waits for the device. Skipped without a GPU; benchmarks/gpu_run.sh runs it on a GPU machine."""
 
 import copy
 

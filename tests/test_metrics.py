@@ -253,22 +253,6 @@ def test_paper_metrics_equal_naive_computation(seed):
 # ---------------------------------------------------------------- accumulation
 
 
-def test_sweep_merged_from_two_processes_equals_one_pass():
-    probs, targets = random_batch(3, samples=7)
-    one_pass = ThresholdSweep()
-    one_pass.update(probs[:4], targets[:4], sample_ids=range(4))
-    one_pass.update(probs[4:], targets[4:], sample_ids=range(4, 7))
-    first, second = ThresholdSweep(), ThresholdSweep()
-    first.update(probs[:3], targets[:3], sample_ids=[0, 1, 2])
-    second.update(probs[3:], targets[3:], sample_ids=[3, 4, 5, 6])
-    merged = first.merge(second)
-    assert len(merged) == 7
-    torch.testing.assert_close(merged.counts, one_pass.counts)
-    assert merged.sample_ids.tolist() == list(range(7))
-    assert merged.clipseg_paper_metrics() == one_pass.clipseg_paper_metrics()
-    assert merged.failures() == one_pass.failures()
-
-
 def test_sweep_refuses_samples_counted_twice():
     probs, targets = random_batch(4, samples=2)
     sweep = ThresholdSweep()
