@@ -21,7 +21,8 @@ rounding):
 - no host-device synchronisation in the forward pass when `image_index` is already on the accelerator.
 
 State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
-from `configuration.py` (relatively, as `trust_remote_code` needs), torch and transformers.
+from `configuration.py` (relatively, as `trust_remote_code` needs), torch, transformers, numpy and Pillow
+(`predict` takes PIL images and arrays).
 """
 
 from __future__ import annotations

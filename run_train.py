@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -34,26 +35,25 @@ from clipseg_tools.batching import (
     TrainingSamples,
     collate_training,
 )
-from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
+from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging
 from clipseg_tools.data import load_splits, shrink_images
 from clipseg_tools.errors import CommandError
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
-from clipseg_tools.loader import create_loader
+from clipseg_tools.loader import create_loader, worker_count
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
-from clipseg_tools.sources import local_copy_hint, model_source_problem
+from clipseg_tools.sources import cannot_load, model_source_problem
 from clipseg_tools.training import (
     LossTally,
-    TrainerState,
     backbone_dtype_for,
     count_skipped_steps,
     decoder_checksums,
     learning_rate_factor,
     make_optimizer,
     prepare_for_training,
-    read_tally,
+    record_log,
     training_step,
 )
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
@@ -62,10 +62,24 @@ logger = logging.get_logger(__name__)
 
 # Flags that shape a new decoder (named as the config fields they set); a checkpoint given with
 # --model_name_or_path brings its own.
-ARCHITECTURE_FLAGS = ("image_size", "reduce_dim", "extract_layers", "decoder_intermediate_size")
-ARCHITECTURE_FLAGS += ("decoder_num_attention_heads", "plain_head", "init_output_bias")
-POSITIVE_FLAGS = ("max_train_steps", "per_device_train_batch_size", "phrases_per_image", "logging_steps")
-POSITIVE_FLAGS += ("gradient_accumulation_steps", "checkpointing_steps", "per_device_eval_batch_size")
+ARCHITECTURE_FLAGS = (
+    "image_size",
+    "reduce_dim",
+    "extract_layers",
+    "decoder_intermediate_size",
+    "decoder_num_attention_heads",
+    "plain_head",
+    "init_output_bias",
+)
+POSITIVE_FLAGS = (
+    "max_train_steps",
+    "per_device_train_batch_size",
+    "phrases_per_image",
+    "gradient_accumulation_steps",
+    "checkpointing_steps",
+    "logging_steps",
+    "per_device_eval_batch_size",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +231,9 @@ def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("model_name_or_path", "clip_model_name_or_path", "data_dir", "output_dir"):
+        if getattr(args, flag):
+            setattr(args, flag, os.path.expanduser(getattr(args, flag)))
     if args.demo:
         check_demo_args(parser, args)
     else:
@@ -341,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.demo:
         from clipseg_tools.demo import prepare_demo
 
-        args = prepare_demo(args)  # its data and small CLIP, made once (cached), and its recipe
+        with accelerator.main_process_first():  # its data and small CLIP, made once and cached; its recipe
+            args = prepare_demo(args)
     with removed_if_left_empty(args.output_dir, accelerator.is_main_process):
         return train(args, accelerator)
 
@@ -382,7 +400,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by the loop
     checkpoints.keep_decoder_only(accelerator)
 
-    state = TrainerState(
+    state = checkpoints.TrainerState(
         model_source=model_source(args),
         backbone_dtype=str(backbone_dtype).removeprefix("torch."),
         shrink_train_images=args.shrink_train_images,
@@ -393,7 +411,8 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         )
     if args.with_tracking:
         config = training_config(args, accelerator)
-        accelerator.init_trackers("clipseg_finetune", {k: v for k, v in config.items() if is_scalar(v)})
+        scalars = {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers("clipseg_finetune", scalars)
     log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable)
 
     evaluator = partial(run_evaluation, args, accelerator, split=eval_split, processor=processor)
@@ -405,11 +424,28 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
     """A checkpoint to fine-tune, or a new decoder on a CLIP; the processor comes with it."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    source = model_source(args)
-    try:
-        if args.model_name_or_path:
+    if args.model_name_or_path:
+        source = args.model_name_or_path
+        try:
             model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
+        except (OSError, ValueError) as error:
+            raise cannot_load(f"--model_name_or_path {source}", source, error) from error
+        head_upsampling = math.prod(model.config.refined_head_strides)
+        if (
+            model.config.use_complex_transposed_convolution
+            and head_upsampling != model.config.vision_config.patch_size
+        ):
+            raise CommandError(
+                f"--model_name_or_path {source} has transformers' refined head for patch size "
+                f"{model.config.vision_config.patch_size}, which upsamples by {head_upsampling}: its logits are not at "
+                "the input's size, so it cannot be trained here (evaluate it, or start a new decoder on its CLIP)"
+            )
+        try:
             return model, AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise cannot_load(f"--model_name_or_path {source}'s processor", source, error) from error
+    source = args.clip_model_name_or_path
+    try:
         model = ClipSegCustomModel.from_clip(
             source,
             image_size=args.image_size,
@@ -422,16 +458,12 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         )
         processor = make_processor(AutoTokenizer.from_pretrained(source), args.image_size)
     except OSError as error:
-        raise CommandError(
-            f"{source!r} could not be loaded ({error.__class__.__name__}: {error}); {local_copy_hint(source)}"
-        ) from error
+        raise cannot_load(f"--clip_model_name_or_path {source}", source, error) from error
     except ValueError as error:  # the config's own check names its fields: name the flags that set them
-        message = str(error).removeprefix("Invalid ClipSegCustomConfig: ")
+        message = str(error).removeprefix("Invalid ClipSegCustomConfig: ").rstrip(".")
         for flag in ARCHITECTURE_FLAGS:
             message = re.sub(rf"\b{flag}\b", f"--{flag}", message)
-        raise CommandError(
-            f"{message.rstrip('.')} (with the CLIP of --clip_model_name_or_path {source})"
-        ) from error
+        raise CommandError(f"{message} (with the CLIP of --clip_model_name_or_path {source})") from error
     if args.init_output_bias is not None:
         head = model.decoder.transposed_convolution
         last = head[-1] if isinstance(head, torch.nn.Sequential) else head
@@ -512,10 +544,6 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
     return samples, loader
 
 
-def is_scalar(value: Any) -> bool:
-    return isinstance(value, int | float | str | bool)
-
-
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "card_notes")}
     config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
@@ -531,6 +559,9 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
     total = training_config(args, accelerator)["total_batch_size"]
     eval_images = min(args.max_eval_images, len(eval_split)) if args.max_eval_images else len(eval_split)
     when = f"every {args.eval_steps:,} steps and at the end" if args.eval_steps else "at the end"
+    schedule = f"{args.lr_scheduler_type} to {args.min_learning_rate:g}"
+    if args.lr_scheduler_type == "constant":
+        schedule = "constant"
     precision = accelerator.mixed_precision
     if accelerator.device.type == "cpu" and precision != "no":
         precision += (
@@ -545,8 +576,8 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
         f"({plural(processes, 'process', 'processes')} x {args.per_device_train_batch_size} per device x "
         f"{plural(args.gradient_accumulation_steps, 'batch', 'batches')} accumulated), "
         f"{plural(args.phrases_per_image, 'phrase')} per image; starting at step {state.global_step}",
-        f"  Optimizer: AdamW, learning rate {args.learning_rate:g}, {args.lr_scheduler_type} to "
-        f"{args.min_learning_rate:g} after {plural(args.num_warmup_steps, 'warm-up step')}, weight decay {args.weight_decay:g}",
+        f"  Optimizer: AdamW, learning rate {args.learning_rate:g} after {plural(args.num_warmup_steps, 'warm-up step')}, "
+        f"{schedule}, weight decay {args.weight_decay:g}",
         f"  Device: {accelerator.device.type}, mixed precision {precision}; the frozen CLIP computes in "
         f"{str(backbone_dtype).removeprefix('torch.')}; {plural(torch.get_num_threads(), 'torch thread')}",
         f"  Data-loader workers: {args.dataloader_num_workers} per process",
@@ -598,9 +629,9 @@ def after_step(args, accelerator, model, scheduler, progress, tally, state, eval
     log_due = step % args.logging_steps == 0 or last
     checkpoint_due = step % args.checkpointing_steps == 0 or last
     if log_due or checkpoint_due:
-        count_skipped_steps(tally, state, args.max_nonfinite_losses)
+        count_skipped_steps(tally, state, args.max_nonfinite_losses, accelerator.is_main_process)
     if log_due:
-        logs = read_tally(accelerator, tally, scheduler.get_last_lr()[0], state)
+        logs = record_log(accelerator, tally, scheduler.get_last_lr()[0], state)
         progress.set_postfix(
             loss=f"{logs['train_loss']:.4f}",
             lr=f"{logs['learning_rate']:.2e}",
@@ -628,25 +659,17 @@ def after_step(args, accelerator, model, scheduler, progress, tally, state, eval
 def run_evaluation(args, accelerator, model, split, processor, description: str) -> dict[str, float]:
     """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
     swapped for the starting float32 one), every phrase counted once."""
-    scored = float32_model(args, accelerator, model)
-    rows = range(min(args.max_eval_images, len(split))) if args.max_eval_images else None
-    autotune = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
-    try:
-        result = evaluate(
-            scored,
-            split,
-            processor.tokenizer,
-            accelerator,
-            image_size=scored.config.image_size,
-            batch_size=args.per_device_eval_batch_size,
-            rows=rows,
-            num_workers=args.dataloader_num_workers,
-            description=description,
-        )
-    finally:
-        torch.backends.cudnn.benchmark = autotune
-    return {**result.flat_metrics(), "images": len(rows) if rows is not None else len(split)}
+    result = evaluate(
+        float32_model(args, accelerator, model),
+        split,
+        processor.tokenizer,
+        accelerator,
+        batch_size=args.per_device_eval_batch_size,
+        max_images=args.max_eval_images,
+        num_workers=args.dataloader_num_workers,
+        description=description,
+    )
+    return result.flat_metrics()
 
 
 def eval_results(metrics: dict[str, float]) -> dict[str, float]:
@@ -659,7 +682,9 @@ def eval_results(metrics: dict[str, float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def finish(args, accelerator, model, processor, eval_split, state: TrainerState) -> dict[str, Any]:
+def finish(
+    args, accelerator, model, processor, eval_split, state: checkpoints.TrainerState
+) -> dict[str, Any]:
     """Score the decoder on the starting float32 CLIP, save it with its card and results, and push it."""
     final_model = float32_model(args, accelerator, model)
     metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
@@ -691,7 +716,7 @@ def finish(args, accelerator, model, processor, eval_split, state: TrainerState)
     return results
 
 
-def save_final_model(args, accelerator, model, processor, metrics, results, state: TrainerState) -> None:
+def save_final_model(args, accelerator, model, processor, metrics, results, state) -> None:
     """Model, processor, code, card and results, written aside and then moved into --output_dir."""
     output_dir = Path(args.output_dir)
     with atomic_folder(output_dir, merge=True) as staging:

@@ -203,7 +203,7 @@ def back_to_back(fn, device, repeats) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def make_optimizer(model) -> torch.optim.Optimizer:
+def bare_optimizer(model) -> torch.optim.Optimizer:
     """AdamW on the trainable parameters, fused on a GPU (transformers' Trainer default there)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=1e-4, fused=params[0].is_cuda)
@@ -217,14 +217,14 @@ def begin_step(model) -> None:
 
 
 def train_step_fn(model, call, batch, autocast):
-    optimizer = make_optimizer(model)
+    optimizer = bare_optimizer(model)
     # Once, as a training loop does (not per step): setting the mode walks every module, about 1 ms of host
     # time that would otherwise sit in each timed step of both models. The step is timed right after this.
     model.train()
-    return partial(training_step, model, call, batch, autocast, optimizer)
+    return partial(bare_step, model, call, batch, autocast, optimizer)
 
 
-def training_step(model, call, batch, autocast, optimizer) -> None:
+def bare_step(model, call, batch, autocast, optimizer) -> None:
     """Forward with the loss, backward, optimizer step: the step every training case times."""
     begin_step(model)
     with autocast():
@@ -347,23 +347,25 @@ def run_train_step(model, device, dtype):
     benchmark's precision."""
     from accelerate import Accelerator
 
+    import run_train
     from clipseg_tools.training import LossTally, make_optimizer, training_step
 
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if dtype else "no")
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, learning_rate=1e-3, weight_decay=1e-4)
+    default = run_train.build_parser().get_default
+    optimizer = make_optimizer(trainable, default("learning_rate"), default("weight_decay"))
     tally = LossTally.on(device)
     model.train()
     return partial(training_step, accelerator, model, optimizer, tally=tally)
 
 
 def benchmark_step(model, call, device, autocast):
-    """The benchmark's bare training step (`training_step`) on a host batch."""
+    """The benchmark's bare training step (`bare_step`) on a host batch."""
     from clipseg_tools.transforms import model_inputs
 
-    optimizer = make_optimizer(model)
+    optimizer = bare_optimizer(model)
     model.train()
-    return lambda batch: training_step(model, call, model_inputs(batch, device), autocast, optimizer)
+    return lambda batch: bare_step(model, call, model_inputs(batch, device), autocast, optimizer)
 
 
 def loop_data(args):
@@ -381,7 +383,9 @@ def loop_data(args):
         write_synthetic_phrasecut(
             data_dir, {"train": args.loop_images}, seed=0, min_size=375, max_size=500, overwrite=True
         )
-    (split,) = load_splits({"--split": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache"))
+    (split,) = load_splits(
+        {"the loop's data": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache")
+    )
     if args.loop_shrink:
         from clipseg_tools.data import shrink_images
 
@@ -559,7 +563,7 @@ def stage_times(model, batch, device, autocast, repeats: int) -> dict[str, dict[
     """Where one training step's time goes, per stage: the device's time between events recorded at the stage
     boundaries, and the host's time to issue the stage. Where the host's time is close to the device's, the
     host (Python and kernel launches) is the limit. Medians over `repeats` steps after warm-up, milliseconds."""
-    optimizer = make_optimizer(model)
+    optimizer = bare_optimizer(model)
     grid = model.token_grid(batch["pixel_values"])
     graphed = model._graphs_towers(batch["pixel_values"])  # both towers in one graph: one stage
     stages = GRAPHED_STAGES if graphed else STAGES

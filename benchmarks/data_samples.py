@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     data_dir = write_synthetic_phrasecut(
         scratch / "data", {"train": args.num_images}, seed=0, min_size=375, max_size=500, overwrite=True
     )
-    (split,) = load_splits({"--split": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache"))
+    (split,) = load_splits(
+        {"the samples' data": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache")
+    )
     tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer")
     collate = partial(
         collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length, pack_labels=True

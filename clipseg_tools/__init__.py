@@ -12,6 +12,7 @@
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;
 - `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates.
 
-`errors`, `files` and `hub` import nothing of the project, so the dataset package (`phrasecut_dataset`) can
-use them; every other module may import the dataset package, never the other way round.
+`errors`, `files`, `hub` and `cli` import nothing else of the project, so the dataset package
+(`phrasecut_dataset`) can use them; the other modules may import the dataset package, never the other way
+round.
 """

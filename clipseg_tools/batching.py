@@ -9,7 +9,7 @@ the same whichever worker makes it, and a resumed run sees exactly the samples i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset, Sampler
 
-from phrasecut_dataset.masks import row_masks, task_mask
+from phrasecut_dataset.masks import polygons_to_mask
 
 from .errors import CommandError
 from .prompts import apply_template
@@ -156,6 +156,28 @@ def read_image(row: dict, decode: Callable[[Any], Any] = decode_image) -> Any:
             f"image {row.get('image_id')} cannot be decoded ({error}); prepare the data again from the raw "
             "folder with --skip_bad_samples to leave such images out"
         ) from error
+
+
+def task_mask(task: Mapping, row: Mapping, height: int, width: int) -> np.ndarray:
+    """One prepared task's mask on its image (height x width), drawn the official way; unusable polygons are
+    named with the task and the image."""
+    try:
+        return polygons_to_mask(task["polygons"], height, width)
+    except (TypeError, ValueError, KeyError) as error:
+        raise CommandError(
+            f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error}); prepare "
+            "the data again from the raw folder"
+        ) from error
+
+
+def row_masks(row: Mapping, *, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The masks of all of a row's tasks, in its task order: bool [K, height, width], drawn on the image's own
+    size: `size` (height, width) where the decoded image is at hand, else the row's `height` and `width`."""
+    height, width = size or (int(row["height"]), int(row["width"]))
+    masks = np.zeros((len(row["tasks"]), height, width), dtype=bool)
+    for k, task in enumerate(row["tasks"]):
+        masks[k] = task_mask(task, row, height, width)
+    return masks
 
 
 @dataclass
@@ -343,7 +365,7 @@ class EvaluationImages(Dataset):
     def __getitem__(self, item: int) -> dict[str, Any]:
         row = self.dataset[self.rows[item]]
         pixels = read_image(row, decode_pixels)
-        native = row_masks(row, *pixels.shape[:2])
+        native = row_masks(row, size=pixels.shape[:2])
         sample = {
             "pixel_values": image_to_uint8(resize_pixels(pixels, self.image_size)),
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),

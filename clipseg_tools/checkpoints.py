@@ -1,4 +1,5 @@
-"""Training checkpoints: saved under `<output_dir>/checkpoints/step_N/`, found again, and resumed from.
+"""Training checkpoints, saved under `<output_dir>/checkpoints/step_N/`, found again and resumed from, and the
+run's state they carry (`TrainerState`).
 
 A checkpoint holds what Accelerate saves (optimizer, schedule, random states, the data loader's position)
 with the model reduced to its trainable decoder (a few MB; the frozen CLIP comes back from where the run
@@ -8,7 +9,9 @@ renamed, so a run killed while saving never leaves a half checkpoint under a `st
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,6 @@ from transformers.utils import logging
 
 from .errors import CommandError
 from .files import move_into_place, partial_path
-from .training import TrainerState
 
 logger = logging.get_logger(__name__)
 
@@ -32,6 +34,35 @@ MUST_MATCH = {
     "backbone_dtype": "--backbone_dtype",
     "shrink_train_images": "--shrink_train_images",
 }
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: saved in every checkpoint as `trainer_state.json` and restored on resume."""
+
+    global_step: int = 0
+    consumed_batches: int = 0  # data-loader batches drawn over all epochs: where the data order resumes
+    nonfinite_losses: int = 0  # optimizer steps skipped for a NaN or infinite loss
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    # What changes the numbers without changing the weights' shapes: a resumed run must have the same.
+    model_source: str = ""
+    backbone_dtype: str = "float32"
+    shrink_train_images: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> TrainerState:
+        saved = json.loads(text)
+        if "step" in saved:  # how the first checkpoints of this project named `global_step`
+            saved["global_step"] = saved.pop("step")
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CommandError(
+                f"{where} has fields this version does not know ({unknown}): it is not its checkpoint"
+            )
+        return cls(**saved)
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -80,7 +111,7 @@ def find(given: str, output_dir: Path) -> Path:
 def load(accelerator: Any, checkpoint: Path, current: TrainerState) -> TrainerState:
     """Restore the checkpoint into the prepared objects and return its state; refused, with the flag named,
     when `current` (this run's settings) differs from it in what changes the numbers."""
-    saved = TrainerState.from_json((checkpoint / STATE_FILE).read_text())
+    saved = TrainerState.from_json((checkpoint / STATE_FILE).read_text(), checkpoint / STATE_FILE)
     for name, flag in MUST_MATCH.items():
         then, now = getattr(saved, name), getattr(current, name)
         if then == now:

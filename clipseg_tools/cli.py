@@ -1,4 +1,5 @@
-"""What the command lines share: the argument parser, the error policy, and the logging style.
+"""What the command lines share: the argument parser, the error policy, and the logging style. It imports
+nothing of the project but its errors (the dataset package's commands use it too).
 
 Error policy: a wrong flag ends at parsing (argparse, exit code 2); bad input found later (a data file, a
 model folder) raises `CommandError`, and a run that cannot finish raises it with `FAILED` (exit code 1):
@@ -21,7 +22,6 @@ from typing import Any, NoReturn
 from tqdm.auto import tqdm
 
 from .errors import CommandError
-from .loader import default_num_workers
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -57,15 +57,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
-
-
-def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) -> int:
-    """A data-loader worker flag's value: refused when negative, this machine's default when not given."""
-    if given is None:
-        return default_num_workers()
-    if given < 0:
-        parser.error(f"{flag} must not be negative")
-    return given
 
 
 def run_command(main: Callable[[], Any]) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from phrasecut_dataset.builder import SPLIT_ALIASES
 
 from .errors import CommandError
-from .sources import local_copy_hint
+from .sources import cannot_load
 from .transforms import decode_image
 
 REQUIRED_COLUMNS = ("image", "image_id", "width", "height", "tasks")
@@ -51,11 +51,12 @@ def load_splits(
             )
         try:
             return datasets.load_dataset(dataset_name, cache_dir=cache_dir)
-        except (OSError, FileNotFoundError, ValueError) as error:
-            raise CommandError(
-                f"{source} could not be loaded ({error}); give a folder written by `python -m "
-                f"phrasecut_dataset.publish` or its Hub id ({local_copy_hint(dataset_name)})"
-            ) from error
+        except (
+            OSError,
+            FileNotFoundError,
+            ValueError,
+        ) as error:  # a folder of `phrasecut_dataset.publish`, or a Hub id
+            raise cannot_load(source, dataset_name, error, "dataset") from error
 
     if accelerator is not None:
         with accelerator.main_process_first():

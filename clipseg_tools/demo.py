@@ -27,9 +27,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from phrasecut_dataset import row_masks, synthetic_vocabulary, write_synthetic_phrasecut
+from phrasecut_dataset import synthetic_vocabulary, write_synthetic_phrasecut
 from phrasecut_dataset.synthetic import single_object_images
 
+from .batching import row_masks
 from .files import atomic_folder
 from .prompts import TEMPLATES
 from .tiny_clip import build_word_tokenizer, tiny_clip_configs
@@ -171,28 +172,29 @@ def save_sample_predictions(
     model: Any, processor: Any, split: Any, output_dir: Path, count: int = 6
 ) -> list[Path]:
     """Pictures of a few held-out images: the image, then each phrase's heat map beside its ground truth."""
-    folder = output_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(min(count, len(split))):
-        row = split[i]
-        image = decode_image(row["image"])
-        phrases = [task["phrase"] for task in row["tasks"]]
-        maps = model.predict(image, phrases, processor=processor)[0]
-        tiles = [image]
-        for gt, heat in zip(row_masks(row, image.height, image.width), maps):
-            tiles.append(_heat_tile(heat.numpy()))
-            tiles.append(Image.fromarray((gt * 255).astype(np.uint8)).convert("RGB"))
-        sheet = Image.new("RGB", (sum(t.width for t in tiles), image.height), "white")
-        x = 0
-        for tile in tiles:
-            sheet.paste(tile, (x, 0))
-            x += tile.width
-        path = folder / f"{i:02d}_{row['image_id']}.png"
-        sheet.save(path)
-        (folder / f"{i:02d}_{row['image_id']}.txt").write_text("\n".join(phrases) + "\n")
-        paths.append(path)
-    return paths
+    with atomic_folder(output_dir / "samples") as staging:
+        names = [draw_sample(model, processor, split[i], i, staging) for i in range(min(count, len(split)))]
+    return [output_dir / "samples" / name for name in names]
+
+
+def draw_sample(model: Any, processor: Any, row: dict, i: int, folder: Path) -> str:
+    """One sample picture (and its phrases, a line each, in a text file beside it); returns its name."""
+    image = decode_image(row["image"])
+    phrases = [task["phrase"] for task in row["tasks"]]
+    maps = model.predict(image, phrases, processor=processor)[0]
+    tiles = [image]
+    for truth, heat in zip(row_masks(row, size=(image.height, image.width)), maps):
+        tiles.append(_heat_tile(heat.numpy()))
+        tiles.append(Image.fromarray((truth * 255).astype(np.uint8)).convert("RGB"))
+    sheet = Image.new("RGB", (sum(tile.width for tile in tiles), image.height), "white")
+    x = 0
+    for tile in tiles:
+        sheet.paste(tile, (x, 0))
+        x += tile.width
+    name = f"{i:02d}_{row['image_id']}"
+    sheet.save(folder / f"{name}.png")
+    (folder / f"{name}.txt").write_text("\n".join(phrases) + "\n")
+    return f"{name}.png"
 
 
 def _heat_tile(probabilities: np.ndarray) -> Image.Image:

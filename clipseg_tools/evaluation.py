@@ -50,6 +50,7 @@ class EvaluationResult:
     subsets: list[list[str]] = field(default_factory=list)
     rows: np.ndarray | None = None  # dataset row of each phrase
     official_threshold: float = OFFICIAL_THRESHOLD
+    num_images: int = 0
 
     def sweep(self) -> ThresholdSweep:
         sweep = ThresholdSweep()
@@ -64,10 +65,11 @@ class EvaluationResult:
 
     def flat_metrics(self) -> dict[str, float]:
         """Both protocols in one flat dict: the CLIPSeg paper's metrics as they are, the official protocol's
-        over all tasks prefixed `official_`, and `samples` (phrases scored, each once across processes)."""
+        over all tasks prefixed `official_`, and `images` and `samples` (phrases) scored, each once across
+        processes."""
         metrics = self.clipseg_metrics()
         metrics.update({f"official_{k}": v for k, v in self.official_metrics()["all"].items()})
-        metrics["samples"] = len(self.sample_ids)
+        metrics.update(images=self.num_images, samples=len(self.sample_ids))
         return metrics
 
     def summary(self) -> dict[str, Any]:
@@ -125,43 +127,56 @@ def evaluate(
     dataset: Any,
     tokenizer: Any,
     accelerator: Any,
-    image_size: int,
     batch_size: int = 8,
-    rows: Sequence[int] | None = None,
+    max_images: int = 0,
     official_threshold: float = OFFICIAL_THRESHOLD,
     num_workers: int = 0,
     description: str = "evaluating",
     mixed_precision: bool = False,
 ) -> EvaluationResult:
-    """Score `model` on the rows of `dataset` (all of them by default) under both protocols.
+    """Score `model` on the first `max_images` images of `dataset` (0: all of them) under both protocols, each
+    image at the model's size (`model.config.image_size`).
 
     `model` is the plain model (not a DDP wrapper): processes see different numbers of batches.
     It runs in float32, as the CLIPSeg paper evaluated, unless `mixed_precision` (the accelerator's).
     Nothing is drawn from the global random generators, so evaluating during training leaves the
     training run exactly as it would be without it.
     """
-    with torch.random.fork_rng(devices=[]):
-        index = PhraseIndex.from_dataset(dataset)
-        rows = list(range(len(dataset))) if rows is None else list(rows)
-        own_rows = rows[accelerator.process_index :: accelerator.num_processes]
-        loader = create_loader(
-            EvaluationImages(dataset, image_size, own_rows, native_masks=True),
-            partial(
-                collate_evaluation,
-                tokenizer=tokenizer,
-                max_length=model.config.text_config.max_position_embeddings,
-            ),
-            batch_size=batch_size,
-            device=accelerator.device,
-            num_workers=num_workers,
-        )
-        was_training = model.training
-        model.eval()
-        parts = _score_batches(
-            model, loader, index, accelerator, official_threshold, description, mixed_precision
-        )
-        model.train(was_training)
-    return _gathered(parts, accelerator, official_threshold)
+    rows = list(range(min(max_images, len(dataset)) if max_images else len(dataset)))
+    autotune = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loader = create_loader(
+                EvaluationImages(
+                    dataset,
+                    model.config.image_size,
+                    rows[accelerator.process_index :: accelerator.num_processes],
+                ),
+                partial(
+                    collate_evaluation,
+                    tokenizer=tokenizer,
+                    max_length=model.config.text_config.max_position_embeddings,
+                ),
+                batch_size=batch_size,
+                device=accelerator.device,
+                num_workers=num_workers,
+            )
+            was_training = model.training
+            model.eval()
+            parts = _score_batches(
+                model,
+                loader,
+                PhraseIndex.from_dataset(dataset),
+                accelerator,
+                official_threshold,
+                description,
+                mixed_precision,
+            )
+            model.train(was_training)
+    finally:
+        torch.backends.cudnn.benchmark = autotune
+    return _gathered(parts, accelerator, official_threshold, len(rows))
 
 
 def _score_batches(
@@ -197,7 +212,9 @@ def _score_batches(
     return parts
 
 
-def _gathered(parts: dict[str, list], accelerator: Any, official_threshold: float) -> EvaluationResult:
+def _gathered(
+    parts: dict[str, list], accelerator: Any, official_threshold: float, num_images: int
+) -> EvaluationResult:
     """Collect every process's phrases (each process scored its own images) and order them by id."""
 
     def joined(key: str, empty: Any) -> Any:
@@ -236,4 +253,5 @@ def _gathered(parts: dict[str, list], accelerator: Any, official_threshold: floa
         subsets=merged_list("subsets"),
         rows=np.concatenate([p["rows"] for p in everything])[order],
         official_threshold=official_threshold,
+        num_images=num_images,
     )

@@ -30,17 +30,22 @@ def move_into_place(staging: Path, target: Path, merge: bool = False) -> None:
     """Give the finished folder `staging` its final name `target`, replacing what was there. With `merge`,
     entry by entry instead: `target` keeps its other entries (a run's checkpoints beside its model)."""
     if not merge:
-        if target.exists():
-            shutil.rmtree(target)
+        _remove(target)
         os.replace(staging, target)
         return
     target.mkdir(parents=True, exist_ok=True)
     for entry in staging.iterdir():
-        destination = target / entry.name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
-        os.replace(entry, destination)
+        _remove(target / entry.name)
+        os.replace(entry, target / entry.name)
     staging.rmdir()
+
+
+def _remove(path: Path) -> None:
+    """Make room for a rename: a folder is removed with its contents, a file or a link on its own."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 @contextmanager

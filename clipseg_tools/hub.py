@@ -79,9 +79,7 @@ def push_folder(
         commit = api.create_commit(
             repo_id=repo_id, operations=operations, repo_type=repo_type, commit_message=commit_message
         )
-    except (
-        Exception
-    ) as error:  # no network, a refused token, a full quota: say what is safe, and how to retry
+    except Exception as error:  # no network, a refused token, a full quota: say what is safe, how to retry
         raise CommandError(
             f"--push_to_hub {repo_id} failed ({error.__class__.__name__}: {error}). {what} in {folder} is "
             f"complete; push it later with `{upload_command(folder, repo_id, repo_type, local_only, private)}`",

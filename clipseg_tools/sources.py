@@ -6,14 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoints import is_checkpoint
+from .errors import CommandError
 
 
-def local_copy_hint(source: str) -> str:
+def local_copy_hint(source: str, repo_type: str = "model") -> str:
     """What to do when `source` cannot be reached (said the same way everywhere)."""
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
     return (
         "without network access, pass the path of a local copy (made by `hf download "
-        f"{source} --local-dir DIR` on a machine that has one)"
+        f"{source}{kind} --local-dir DIR` on a machine that has one)"
     )
+
+
+def cannot_load(what: str, source: str, error: Exception, repo_type: str = "model") -> CommandError:
+    """The error for `source` that failed to load: `what` names it (e.g. "--model_name_or_path X"), then the
+    loader's reason, and for a Hub id, what to do without network access."""
+    message = f"{what} could not be loaded ({error.__class__.__name__}: {error})"
+    if not looks_local(source):
+        message += f"; {local_copy_hint(source, repo_type)}"
+    return CommandError(message)
 
 
 def looks_local(source: str) -> bool:

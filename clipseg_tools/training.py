@@ -1,5 +1,5 @@
-"""The training step and what a run keeps between steps: its state (saved in every checkpoint), the loss
-summed on the device between logs, the optimizer and its schedule.
+"""The training step and what it keeps between steps (the loss summed on the device between logs), the
+optimizer and its schedule.
 
 `run_train.py` drives them; the benchmark's data-fed loop runs the same step, so its figures are the
 script's. A step never waits for the device: the loss, and whether it was finite, stay there until a log
@@ -8,16 +8,16 @@ reads them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
+from .checkpoints import TrainerState
 from .errors import FAILED, CommandError
 from .transforms import model_inputs
 
@@ -35,27 +35,6 @@ TRAINING_INPUTS = (
     "visual_index",
     "text_weight",
 )
-
-
-@dataclass
-class TrainerState:
-    """Where a run is: saved in every checkpoint as `trainer_state.json` and restored on resume."""
-
-    global_step: int = 0
-    consumed_batches: int = 0  # data-loader batches drawn over all epochs: where the data order resumes
-    nonfinite_losses: int = 0  # optimizer steps skipped for a NaN or infinite loss
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    # What changes the numbers without changing the weights' shapes: a resumed run must have the same.
-    model_source: str = ""
-    backbone_dtype: str = "float32"
-    shrink_train_images: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainerState:
-        return cls(**json.loads(text))
 
 
 @dataclass
@@ -127,19 +106,23 @@ def training_step(
     tally.phrases += batch["image_index"].shape[0] * accelerator.num_processes
 
 
-def count_skipped_steps(tally: LossTally, state: TrainerState, max_nonfinite_losses: int) -> None:
+def count_skipped_steps(
+    tally: LossTally, state: TrainerState, max_nonfinite_losses: int, main_process: bool = True
+) -> None:
     """Read how many optimizer steps were skipped for a non-finite loss since the last count (this waits for
-    the device); report them, and end the run past `max_nonfinite_losses`."""
+    the device; every process reads the same count); report them (on the main process), and end the run past
+    `max_nonfinite_losses`."""
     skipped = int(tally.skipped.item())
     first_step, tally.counted_to_step = tally.counted_to_step + 1, state.global_step
     if not skipped:
         return
     tally.skipped.zero_()
     state.nonfinite_losses += skipped
-    logger.warning(
-        f"steps {first_step}-{state.global_step}: {skipped} optimizer step(s) skipped for a non-finite loss "
-        f"on some process ({state.nonfinite_losses} so far)"
-    )
+    if main_process:
+        logger.warning(
+            f"steps {first_step}-{state.global_step}: {skipped} optimizer step(s) skipped for a non-finite loss "
+            f"on some process ({state.nonfinite_losses} so far)"
+        )
     if state.nonfinite_losses > max_nonfinite_losses:
         raise CommandError(
             f"{state.nonfinite_losses} non-finite losses (limit --max_nonfinite_losses {max_nonfinite_losses}); "
@@ -148,11 +131,11 @@ def count_skipped_steps(tally: LossTally, state: TrainerState, max_nonfinite_los
         )
 
 
-def read_tally(
+def record_log(
     accelerator: Any, tally: LossTally, learning_rate: float, state: TrainerState
 ) -> dict[str, float]:
     """The log since the last one (mean loss over all processes' finite batches, learning rate, phrases per
-    second), appended to the state's history; the tally starts again."""
+    second), recorded in the state's history; the tally starts again."""
     totals = accelerator.reduce(torch.stack([tally.loss, tally.batches]), "sum").tolist()
     logs = {
         "train_loss": totals[0] / max(1.0, totals[1]),

@@ -12,7 +12,7 @@ from .builder import (
     load_phrasecut,
     prepare_phrasecut,
 )
-from .masks import polygons_to_mask, row_masks, task_mask
+from .masks import polygons_to_mask
 from .subsets import OFFICIAL_SUBSETS, FrequencyRanks, read_frequency_ranks, task_subsets
 from .validate import PhraseCutFormatError
 
@@ -53,9 +53,7 @@ __all__ = [
     "prepare_phrasecut",
     "push_export_to_hub",
     "read_frequency_ranks",
-    "row_masks",
     "synthetic_vocabulary",
-    "task_mask",
     "task_subsets",
     "write_parquet_shards",
     "write_synthetic_phrasecut",

@@ -1,18 +1,16 @@
 """Task masks drawn from their polygons the way PhraseCut's own evaluator draws them.
 
-The builder draws them to size each task's subsets, and training, evaluation and the gallery draw the same
-masks from the prepared rows; resizing them to the model is model-side work (`clipseg_tools.transforms`).
+The builder draws them to size each task's subsets; training, evaluation and the gallery draw the same masks
+from the prepared rows (`clipseg_tools.batching.row_masks`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-from .validate import PhraseCutFormatError
 
 
 def _is_point(value: Any) -> bool:
@@ -51,24 +49,3 @@ def polygons_to_mask(polygons: Sequence, height: int, width: int) -> np.ndarray:
             continue
         draw.polygon([(int(x), int(y)) for x, y in polygon], outline=1, fill=1)
     return np.asarray(canvas, dtype=bool)
-
-
-def task_mask(task: Mapping, row: Mapping, height: int, width: int) -> np.ndarray:
-    """One prepared task's mask at its image's size; unusable polygons are named with the task and image."""
-    try:
-        return polygons_to_mask(task["polygons"], height, width)
-    except (TypeError, ValueError, KeyError) as error:
-        raise PhraseCutFormatError(
-            f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error}); "
-            "prepare the data again from the raw folder"
-        ) from error
-
-
-def row_masks(row: Mapping, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """The masks of all of a prepared row's tasks, in its task order: bool [K, height, width] at the image's
-    size (that of the decoded image where the caller has it, else the row's `height` and `width`)."""
-    height, width = int(height or row["height"]), int(width or row["width"])
-    masks = np.zeros((len(row["tasks"]), height, width), dtype=bool)
-    for k, task in enumerate(row["tasks"]):
-        masks[k] = task_mask(task, row, height, width)
-    return masks

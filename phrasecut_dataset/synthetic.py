@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipseg_tools.cli import ArgumentParser, plural, setup_logging
+from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging
 from clipseg_tools.files import atomic_folder
 
 logger = logging.getLogger(__name__)
@@ -544,4 +544,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

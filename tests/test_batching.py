@@ -13,6 +13,8 @@ from clipseg_tools.batching import (
     TrainingSamples,
     collate_training,
     random_square_crop,
+    row_masks,
+    task_mask,
     tokenize,
     visual_prompt,
 )
@@ -29,7 +31,6 @@ from clipseg_tools.transforms import (
     stack_images,
     unpack_masks,
 )
-from phrasecut_dataset import task_mask
 
 
 def samples(split, **options):
@@ -256,3 +257,18 @@ def test_padding_rounded_up_changes_no_text_embedding(tiny_clip_dir):
             torch.testing.assert_close(unmasked, expected, rtol=1e-5, atol=1e-6)
     tokenizer.padding_side = "left"  # a tokenizer set to pad on the left is overruled
     assert torch.equal(tokenize(tokenizer, phrases, max_length=16)["input_ids"], longest["input_ids"])
+
+
+def test_row_masks_rasterises_every_task_at_the_image_size():
+    row = {
+        "height": 8,
+        "width": 10,
+        "tasks": [
+            {"polygons": [[[[1.5, 1.2], [6.9, 1.7], [6.2, 5.8], [1.1, 5.3]]]]},
+            {"polygons": [[[[0.0, 0.0], [3.9, 0.2], [0.4, 3.7]]]]},
+        ],
+    }
+    native = row_masks(row)
+    assert native.shape == (2, 8, 10)
+    assert native.sum(axis=(1, 2)).tolist() == [30, 10]
+    np.testing.assert_array_equal(row_masks(row, size=(8, 10)), native)  # the decoded image's size

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
+from clipseg_tools.batching import row_masks
 from clipseg_tools.transforms import decode_image
 from phrasecut_dataset import (
     FEATURES,
@@ -17,7 +18,6 @@ from phrasecut_dataset import (
     load_phrasecut,
     polygons_to_mask,
     prepare_phrasecut,
-    row_masks,
     write_synthetic_phrasecut,
 )
 from phrasecut_dataset import builder as builder_module

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from phrasecut_dataset import polygons_to_mask, row_masks
+from phrasecut_dataset import polygons_to_mask
 
 # A 10x8 image. Vertices are truncated with int(), so this quadrilateral becomes the rectangle
 # (1,1)-(6,5); the boundary counts, so it covers columns 1..6 and rows 1..5: 6 * 5 = 30 pixels.
@@ -47,15 +47,3 @@ def test_points_outside_are_clipped_and_degenerate_polygons_ignored():
 def test_numpy_float32_polygons_are_accepted():
     mask = polygons_to_mask([[np.asarray(QUAD, dtype=np.float32)]], 8, 10)
     assert mask.sum() == 30
-
-
-def test_row_masks_rasterises_every_task_at_the_image_size():
-    row = {
-        "height": 8,
-        "width": 10,
-        "tasks": [{"polygons": [[QUAD]]}, {"polygons": [[[[0.0, 0.0], [3.9, 0.2], [0.4, 3.7]]]]}],
-    }
-    native = row_masks(row)
-    assert native.shape == (2, 8, 10)
-    assert native.sum(axis=(1, 2)).tolist() == [30, 10]
-    np.testing.assert_array_equal(row_masks(row, 8, 10), native)  # the decoded image's size, when known

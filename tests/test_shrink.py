@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples
+from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, row_masks
 from clipseg_tools.data import shrink_images
 from clipseg_tools.transforms import decode_image, resize_mask
-from phrasecut_dataset import load_phrasecut, row_masks, write_synthetic_phrasecut
+from phrasecut_dataset import load_phrasecut, write_synthetic_phrasecut
 
 
 @pytest.fixture(scope="module")

@@ -347,6 +347,64 @@ def test_the_demo_refuses_flags_it_would_override_and_a_folder_holding_a_run(
     assert message.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
 
 
+def test_a_decoder_the_clip_cannot_feed_is_named_by_its_flag_and_leaves_no_folder(
+    tmp_path, synthetic_data, tiny_clip_dir
+):
+    out = tmp_path / "out"
+    result = run_script(train_args(synthetic_data, tiny_clip_dir, out, "--extract_layers", "0", "5"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        "error: --extract_layers [0, 5] reach beyond the vision tower: its blocks are 0..2" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and not out.exists()  # a failed run leaves no empty folder
+
+
+def test_a_stock_checkpoint_whose_logits_are_not_at_the_input_size_is_refused_for_training(tmp_path, capsys):
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    import run_train
+    from clipseg_tools.errors import CommandError
+
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, patch_size=32
+    )
+    text = dict(
+        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4
+    )
+    config = CLIPSegConfig(
+        text_config=text,
+        vision_config=vision,
+        extract_layers=[0, 1],
+        reduce_dim=16,
+        use_complex_transposed_convolution=True,
+    )
+    CLIPSegForImageSegmentation(config).save_pretrained(tmp_path / "stock")
+    args = run_train.build_parser().parse_args(
+        ["--model_name_or_path", str(tmp_path / "stock"), "--output_dir", str(tmp_path / "out")]
+    )
+    with pytest.raises(
+        CommandError, match="transformers' refined head for patch size 32, which upsamples by 64"
+    ):
+        run_train.build_model(args)
+
+
+def test_checkpoints_of_the_first_state_format_still_resume_and_others_are_named(tmp_path):
+    from clipseg_tools.checkpoints import TrainerState
+    from clipseg_tools.errors import CommandError
+
+    first = {
+        "step": 6,
+        "consumed_batches": 30,
+        "nonfinite_losses": 0,
+        "log_history": [],
+        "model_source": "clip",
+    }
+    state = TrainerState.from_json(json.dumps(first), tmp_path / "trainer_state.json")
+    assert state.global_step == 6 and state.consumed_batches == 30
+    with pytest.raises(CommandError, match="trainer_state.json has fields this version does not know"):
+        TrainerState.from_json(json.dumps({**first, "epoch": 2}), tmp_path / "trainer_state.json")
+
+
 def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
     result = run_script(train_args(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "out"))
     assert result.returncode == 2
@@ -393,23 +451,23 @@ def test_a_hub_id_that_is_not_cached_offline_is_named_with_the_way_to_get_it():
 def test_data_loader_workers_default_to_the_cpus_each_process_may_use(tmp_path, tiny_clip_dir, monkeypatch):
     import run_eval
     import run_train
-    from clipseg_tools import loader as data
+    from clipseg_tools import loader
 
-    usable_cpus = data.usable_cpus
+    usable_cpus = loader.usable_cpus
 
     def machine(cpus, processes):
-        monkeypatch.setattr(data, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(loader, "usable_cpus", lambda: cpus)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
-        return data.default_num_workers()
+        return loader.default_num_workers()
 
     assert machine(16, 1) == 15  # one CPU left for the training process's own thread
     assert machine(16, 4) == 3
     assert machine(4, 4) == 0  # one CPU each: data loads in the training process
-    assert machine(128, 1) == data.MAX_DEFAULT_WORKERS
+    assert machine(128, 1) == loader.MAX_DEFAULT_WORKERS
     assert machine(4, "") == 3  # LOCAL_WORLD_SIZE set but empty: one process
 
     # The CPUs: those the process may run on, or its container's quota when smaller.
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(loader.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert usable_cpus(tmp_path / "cpu.max") == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")
@@ -523,8 +581,9 @@ def test_pc_plus_mixes_each_phrase_with_its_example_image_and_leaves_the_others_
 def test_non_finite_losses_skip_their_steps_on_the_device_are_counted_and_stop_the_run(tiny_clip_dir, caplog):
     import torch
 
+    from clipseg_tools.checkpoints import TrainerState
     from clipseg_tools.errors import CommandError
-    from clipseg_tools.training import TrainerState, count_skipped_steps
+    from clipseg_tools.training import count_skipped_steps
 
     accelerator, model, optimizer, trainable, tally = tiny_training(tiny_clip_dir)
     broken = tiny_batch(torch.full((2, 32, 32), float("nan")))  # a broken target: the loss is NaN
