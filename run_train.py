@@ -28,20 +28,14 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from clipseg_tools import checkpoints
-from clipseg_tools.batching import (
-    EpochSampler,
-    PhraseIndex,
-    TrainingOptions,
-    TrainingSamples,
-    collate_training,
-)
+from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging
 from clipseg_tools.data import load_splits, shrink_images
 from clipseg_tools.errors import CommandError
 from clipseg_tools.evaluation import evaluate
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
-from clipseg_tools.loader import create_loader, worker_count
+from clipseg_tools.loader import worker_count
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
 from clipseg_tools.sources import cannot_load, model_source_problem
@@ -63,23 +57,13 @@ logger = logging.get_logger(__name__)
 # Flags that shape a new decoder (named as the config fields they set); a checkpoint given with
 # --model_name_or_path brings its own.
 ARCHITECTURE_FLAGS = (
-    "image_size",
-    "reduce_dim",
-    "extract_layers",
-    "decoder_intermediate_size",
-    "decoder_num_attention_heads",
-    "plain_head",
-    "init_output_bias",
-)
+    "image_size reduce_dim extract_layers decoder_intermediate_size decoder_num_attention_heads plain_head "
+    "init_output_bias"
+).split()
 POSITIVE_FLAGS = (
-    "max_train_steps",
-    "per_device_train_batch_size",
-    "phrases_per_image",
-    "gradient_accumulation_steps",
-    "checkpointing_steps",
-    "logging_steps",
-    "per_device_eval_batch_size",
-)
+    "max_train_steps per_device_train_batch_size phrases_per_image gradient_accumulation_steps checkpointing_steps "
+    "logging_steps per_device_eval_batch_size"
+).split()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,24 +506,16 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
     images_per_batch = args.per_device_train_batch_size // args.phrases_per_image
     if len(samples) < images_per_batch * accelerator.num_processes:
         raise CommandError(f"the training split has {plural(len(samples), 'phrase')}, fewer than one batch")
-    collate = partial(
-        collate_training,
-        tokenizer=processor.tokenizer,
-        max_length=model.config.text_config.max_position_embeddings,
-        # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
-        pad_to_multiple_of=16 if args.compile else None,
-        pack_labels=True,
-    )
-    loader = create_loader(
+    loader = training_loader(
         samples,
-        collate,
-        batch_size=images_per_batch,
+        processor.tokenizer,
+        model.config.text_config.max_position_embeddings,
+        images_per_batch=images_per_batch,
         device=accelerator.device,
         num_workers=args.dataloader_num_workers,
-        sampler=EpochSampler(len(samples), args.seed),
-        drop_last=True,
-        persistent_workers=True,
         seed=args.seed,
+        # A compiled text tower (and each CUDA graph) is specialised to the phrase length: few lengths.
+        pad_to_multiple_of=16 if args.compile else None,
     )
     return samples, loader
 

@@ -292,14 +292,7 @@ def loop_rate(args, step, device) -> dict[str, float]:
     """Pairs per second of training steps fed by the project's data pipeline (uint8 batches from worker
     processes, pinned on a GPU, copied without blocking and normalised on the device), and of the pipeline
     alone. `step(batch)` takes a host batch as the loader gives it."""
-    from clipseg_tools.batching import (
-        EpochSampler,
-        PhraseIndex,
-        TrainingOptions,
-        TrainingSamples,
-        collate_training,
-    )
-    from clipseg_tools.loader import create_loader
+    from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
     from clipseg_tools.transforms import model_inputs
 
     split, tokenizer = loop_data(args)
@@ -309,14 +302,15 @@ def loop_rate(args, step, device) -> dict[str, float]:
     needed = (warmup + args.loop_steps) * args.batch_size
     if len(samples) < needed:
         raise ValueError(f"the loop needs {needed} phrases in one epoch; --loop_images gives {len(samples)}")
-    loader = create_loader(
+    loader = training_loader(
         samples,
-        partial(collate_training, tokenizer=tokenizer, max_length=args.text_length, pack_labels=True),
-        batch_size=args.batch_size,
+        tokenizer,
+        args.text_length,
+        images_per_batch=args.batch_size,
         device=device,
         num_workers=args.num_workers,
-        sampler=EpochSampler(len(samples), seed=0),
-        drop_last=True,
+        seed=0,
+        persistent_workers=False,  # iterated twice: fed steps, then the data alone
     )
 
     def run(steps: int, train: bool) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,12 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from phrasecut_dataset.masks import polygons_to_mask
 
 from .errors import CommandError
+from .loader import create_loader
 from .prompts import apply_template
 from .transforms import (
     decode_image,
@@ -345,6 +347,40 @@ def collate_training(
         )
         batch["text_weight"] = torch.cat([item["text_weight"] for item in items])
     return batch
+
+
+def training_loader(
+    samples: TrainingSamples,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    images_per_batch: int,
+    device: torch.device,
+    num_workers: int,
+    seed: int,
+    pad_to_multiple_of: int | None = None,
+    persistent_workers: bool = True,
+) -> DataLoader:
+    """Training batches of `images_per_batch` samples (images with their phrases), in `EpochSampler`'s order,
+    masks packed for the hand-over; an epoch's last, incomplete batch is dropped (fixed shapes)."""
+    collate = partial(
+        collate_training,
+        tokenizer=tokenizer,
+        max_length=max_length,
+        pad_to_multiple_of=pad_to_multiple_of,
+        pack_labels=True,
+    )
+    return create_loader(
+        samples,
+        collate,
+        batch_size=images_per_batch,
+        device=device,
+        num_workers=num_workers,
+        sampler=EpochSampler(len(samples), seed),
+        drop_last=True,
+        persistent_workers=persistent_workers,
+        seed=seed,
+    )
 
 
 class EvaluationImages(Dataset):
