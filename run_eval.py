@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,14 @@ import torch
 from accelerate import Accelerator
 from transformers.utils import logging
 
-from clipseg_tools.cli import ArgumentParser, run_command, setup_logging
+from clipseg_tools.cli import ArgumentParser, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits
-from clipseg_tools.errors import FAILED, CommandError
-from clipseg_tools.evaluation import EvaluationResult, evaluate
+from clipseg_tools.errors import CommandError
+from clipseg_tools.evaluation import EvaluationResult, evaluate, images_scored
 from clipseg_tools.files import removed_if_left_empty, write_text_atomically
 from clipseg_tools.gallery import write_gallery
-from clipseg_tools.loader import worker_count
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
-from clipseg_tools.sources import cannot_load, model_source_problem
+from clipseg_tools.sources import load_error, model_source_problem
 
 logger = logging.get_logger(__name__)
 
@@ -94,9 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--gallery_max", type=int, default=100, help="failure pictures per model (0: no gallery)"
     )
     args = parser.parse_args(argv)
-    args.model, args.compare = os.path.expanduser(args.model), [os.path.expanduser(c) for c in args.compare]
-    if args.data_dir:
-        args.data_dir = os.path.expanduser(args.data_dir)
     if bool(args.data_dir) == bool(args.dataset_name):
         parser.error(
             "give exactly one of --data_dir (raw PhraseCut folder) or --dataset_name (prepared export)"
@@ -152,7 +147,7 @@ def load_model(spec: str, device: torch.device) -> tuple[Any, Any]:
             model = ClipSegCustomModel.from_pretrained(source)
         processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as error:
-        raise cannot_load(f"--model/--compare {spec!r} is not a loadable model: it", source, error) from error
+        raise load_error(f"--model/--compare {spec!r} is not a loadable model", source, error) from error
     model = model.to(device).eval()
     if stock:
         size = processor.image_processor.size
@@ -191,8 +186,8 @@ def score(
         )
     except CommandError as error:
         raise CommandError(f"{label}: {error}", error.exit_code) from error
-    except ValueError as error:  # e.g. predictions that are not probabilities (a model giving NaN)
-        raise CommandError(f"{label}: {error}", FAILED) from error
+    except ValueError as error:  # the metrics' checks: an empty split, predictions that are not probabilities
+        raise CommandError(f"{label}: {error}") from error
 
 
 def write_report(
@@ -265,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         cache_dir=args.cache_dir,
         accelerator=accelerator,
     )
-    num_images = min(args.max_images, len(split)) if args.max_images else len(split)
+    num_images = images_scored(len(split), args.max_images)
 
     with removed_if_left_empty(output_dir, accelerator.is_main_process):
         return score_all(args, accelerator, split, num_images)

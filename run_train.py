@@ -29,17 +29,18 @@ from transformers.utils import logging
 
 from clipseg_tools import checkpoints
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
-from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging
+from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits, shrink_images
 from clipseg_tools.errors import CommandError
-from clipseg_tools.evaluation import evaluate
+from clipseg_tools.evaluation import evaluate, images_scored
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
-from clipseg_tools.loader import worker_count
 from clipseg_tools.model_card import write_model_card
 from clipseg_tools.prompts import TEMPLATES
-from clipseg_tools.sources import cannot_load, model_source_problem
+from clipseg_tools.sources import load_error, model_source_problem
 from clipseg_tools.training import (
+    RECIPE_LEARNING_RATE,
+    RECIPE_WEIGHT_DECAY,
     LossTally,
     backbone_dtype_for,
     count_skipped_steps,
@@ -57,13 +58,23 @@ logger = logging.get_logger(__name__)
 # Flags that shape a new decoder (named as the config fields they set); a checkpoint given with
 # --model_name_or_path brings its own.
 ARCHITECTURE_FLAGS = (
-    "image_size reduce_dim extract_layers decoder_intermediate_size decoder_num_attention_heads plain_head "
-    "init_output_bias"
-).split()
+    "image_size",
+    "reduce_dim",
+    "extract_layers",
+    "decoder_intermediate_size",
+    "decoder_num_attention_heads",
+    "plain_head",
+    "init_output_bias",
+)
 POSITIVE_FLAGS = (
-    "max_train_steps per_device_train_batch_size phrases_per_image gradient_accumulation_steps checkpointing_steps "
-    "logging_steps per_device_eval_batch_size"
-).split()
+    "max_train_steps",
+    "per_device_train_batch_size",
+    "phrases_per_image",
+    "gradient_accumulation_steps",
+    "checkpointing_steps",
+    "logging_steps",
+    "per_device_eval_batch_size",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
     add("--phrases_per_image", type=int, default=1, help="phrases drawn per image (one vision pass)")
     add("--max_train_steps", type=int, default=20_000, help="optimizer steps")
     add("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    add("--learning_rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    add("--learning_rate", type=float, default=RECIPE_LEARNING_RATE, help="peak learning rate (AdamW)")
     add("--min_learning_rate", type=float, default=1e-4, help="where the cosine schedule ends")
     add(
         "--lr_scheduler_type",
@@ -166,7 +177,7 @@ def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
     add(
         "--weight_decay",
         type=float,
-        default=1e-4,
+        default=RECIPE_WEIGHT_DECAY,
         help="AdamW weight decay: the recipe's --wd (the original CLIPSeg code ignored that flag and trained "
         "with PyTorch's default, 0.01)",
     )
@@ -184,7 +195,7 @@ def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
         "--max_nonfinite_losses",
         type=int,
         default=10,
-        help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log)",
+        help="stop after this many optimizer steps skipped for a NaN/inf loss (checked at each log and checkpoint)",
     )
     add("--seed", type=int, default=42, help="seeds the model, the data order and the augmentation")
 
@@ -215,9 +226,6 @@ def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("model_name_or_path", "clip_model_name_or_path", "data_dir", "output_dir"):
-        if getattr(args, flag):
-            setattr(args, flag, os.path.expanduser(getattr(args, flag)))
     if args.demo:
         check_demo_args(parser, args)
     else:
@@ -413,7 +421,7 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         try:
             model = ClipSegCustomModel.from_pretrained(source, decoder_dropout=args.decoder_dropout)
         except (OSError, ValueError) as error:
-            raise cannot_load(f"--model_name_or_path {source}", source, error) from error
+            raise load_error(f"--model_name_or_path {source} could not be loaded", source, error) from error
         head_upsampling = math.prod(model.config.refined_head_strides)
         if (
             model.config.use_complex_transposed_convolution
@@ -427,7 +435,9 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         try:
             return model, AutoProcessor.from_pretrained(source)
         except (OSError, ValueError) as error:
-            raise cannot_load(f"--model_name_or_path {source}'s processor", source, error) from error
+            raise load_error(
+                f"--model_name_or_path {source}: its processor could not be loaded", source, error
+            ) from error
     source = args.clip_model_name_or_path
     try:
         model = ClipSegCustomModel.from_clip(
@@ -442,7 +452,7 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         )
         processor = make_processor(AutoTokenizer.from_pretrained(source), args.image_size)
     except OSError as error:
-        raise cannot_load(f"--clip_model_name_or_path {source}", source, error) from error
+        raise load_error(f"--clip_model_name_or_path {source} could not be loaded", source, error) from error
     except ValueError as error:  # the config's own check names its fields: name the flags that set them
         message = str(error).removeprefix("Invalid ClipSegCustomConfig: ").rstrip(".")
         for flag in ARCHITECTURE_FLAGS:
@@ -533,11 +543,14 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
     """What is about to run, in one block (the numbers a reader checks before leaving a run alone)."""
     processes = accelerator.num_processes
     total = training_config(args, accelerator)["total_batch_size"]
-    eval_images = min(args.max_eval_images, len(eval_split)) if args.max_eval_images else len(eval_split)
+    eval_images = images_scored(len(eval_split), args.max_eval_images)
     when = f"every {args.eval_steps:,} steps and at the end" if args.eval_steps else "at the end"
-    schedule = f"{args.lr_scheduler_type} to {args.min_learning_rate:g}"
-    if args.lr_scheduler_type == "constant":
-        schedule = "constant"
+    warmup = f" after {plural(args.num_warmup_steps, 'warm-up step')}" if args.num_warmup_steps else ""
+    schedule = (
+        "constant"
+        if args.lr_scheduler_type == "constant"
+        else f"{args.lr_scheduler_type} to {args.min_learning_rate:g}"
+    )
     precision = accelerator.mixed_precision
     if accelerator.device.type == "cpu" and precision != "no":
         precision += (
@@ -552,8 +565,7 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
         f"({plural(processes, 'process', 'processes')} x {args.per_device_train_batch_size} per device x "
         f"{plural(args.gradient_accumulation_steps, 'batch', 'batches')} accumulated), "
         f"{plural(args.phrases_per_image, 'phrase')} per image; starting at step {state.global_step}",
-        f"  Optimizer: AdamW, learning rate {args.learning_rate:g} after {plural(args.num_warmup_steps, 'warm-up step')}, "
-        f"{schedule}, weight decay {args.weight_decay:g}",
+        f"  Optimizer: AdamW, learning rate {args.learning_rate:g}{warmup}, {schedule}, weight decay {args.weight_decay:g}",
         f"  Device: {accelerator.device.type}, mixed precision {precision}; the frozen CLIP computes in "
         f"{str(backbone_dtype).removeprefix('torch.')}; {plural(torch.get_num_threads(), 'torch thread')}",
         f"  Data-loader workers: {args.dataloader_num_workers} per process",
@@ -730,10 +742,13 @@ def report(args, model, processor, eval_split, metrics) -> None:
         from clipseg_tools.demo import save_sample_predictions
 
         paths = save_sample_predictions(model, processor, eval_split, output_dir)
-        lines.append(
+        lines += [
             f"Sample predictions:        {paths[0].parent}/ ({plural(len(paths), 'picture')}: image, then heat map "
-            "and truth per phrase)"
-        )
+            "and truth per phrase)",
+            f"Demo data:                 {args.data_dir}; score the model on it with",
+            f"  python run_eval.py --model {output_dir} --data_dir {args.data_dir} --cache_dir {args.cache_dir} "
+            f"--split {args.validation_split}",
+        ]
     logger.info("\n".join(lines))
 
 

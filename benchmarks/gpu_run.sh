@@ -39,7 +39,7 @@ fi
 
 common=(--device cuda --dtype bf16 --batch_size 64 --warmup 5 --repeats 20 --cudnn_benchmark)
 loop=(--loop_shrink --num_workers 14 --loop_images 2000 --loop_warmup 30 --loop_steps 60)
-quiet() { grep -v -E "Generating|shrinking|Warning|warn\(|^W1127|^ *warnings.warn|_warn_once" ; }
+quiet() { grep -v -E "Generating|shrinking|Warning|warn\(|^W[0-9]{4} |^ *warnings.warn|_warn_once" ; }
 run() {  # run NAME SECONDS ARGS...
   local name=$1 limit=$2
   shift 2

@@ -5,8 +5,8 @@
 - `loader`: the one DataLoader factory, and the default number of data-loader workers;
 - `handover`: batches from loader workers through reused shared memory;
 - `data`: the splits a script needs, and training images stored once at the model's size;
-- `training`: the training step, the run's state, the optimizer and its schedule;
-- `checkpoints`: saving, finding and resuming from training checkpoints;
+- `training`: the training step, the loss summed on the device between logs, the optimizer and its schedule;
+- `checkpoints`: the run's state, and the checkpoints that carry it (saved, found, resumed from);
 - `evaluation`, `metrics`, `gallery`: scoring under both protocols, the arithmetic, the failure pictures;
 - `model_card`, `hub`, `sources`: the card, pushing to the Hub, where models come from;
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;

@@ -387,13 +387,10 @@ class EvaluationImages(Dataset):
     """One item = one whole image squashed to the model size with all of its phrases (CLIPSeg protocol),
     plus what the official protocol needs: the native-size masks and each task's subsets."""
 
-    def __init__(
-        self, dataset: Any, image_size: int, rows: Sequence[int] | None = None, native_masks: bool = True
-    ):
+    def __init__(self, dataset: Any, image_size: int, rows: Sequence[int]):
         self.dataset = dataset
         self.image_size = image_size
-        self.rows = list(range(len(dataset))) if rows is None else list(rows)
-        self.native_masks = native_masks
+        self.rows = list(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -410,9 +407,8 @@ class EvaluationImages(Dataset):
             "subsets": [list(t.get("subsets") or ["all"]) for t in row["tasks"]],
             "image_id": row.get("image_id"),
             "row": self.rows[item],
+            "native_masks": torch.from_numpy(native),
         }
-        if self.native_masks:
-            sample["native_masks"] = torch.from_numpy(native)
         return sample
 
 
@@ -422,6 +418,29 @@ def collate_evaluation(items: list[dict], tokenizer: Any, max_length: int) -> di
     for key in ("phrases", "task_ids", "subsets"):
         batch[key] = [value for item in items for value in item[key]]
     batch["rows"] = [item["row"] for item in items]
-    if "native_masks" in items[0]:
-        batch["native_masks"] = [mask for item in items for mask in item["native_masks"]]
+    batch["native_masks"] = [mask for item in items for mask in item["native_masks"]]
     return batch
+
+
+def evaluation_loader(
+    dataset: Any,
+    rows: Sequence[int],
+    model: Any,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Batches of whole images (the given rows, in order), each with all of its phrases, at `model`'s input size
+    and text length."""
+    collate = partial(
+        collate_evaluation, tokenizer=tokenizer, max_length=model.config.text_config.max_position_embeddings
+    )
+    return create_loader(
+        EvaluationImages(dataset, model.config.image_size, rows),
+        collate,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+    )

@@ -44,23 +44,24 @@ class TrainerState:
     consumed_batches: int = 0  # data-loader batches drawn over all epochs: where the data order resumes
     nonfinite_losses: int = 0  # optimizer steps skipped for a NaN or infinite loss
     log_history: list[dict[str, Any]] = field(default_factory=list)
-    # What changes the numbers without changing the weights' shapes: a resumed run must have the same.
-    model_source: str = ""
-    backbone_dtype: str = "float32"
-    shrink_train_images: bool = False
+    # What changes the numbers without changing the weights' shapes: a resumed run must have the same
+    # (None: not recorded, as in older checkpoints).
+    model_source: str | None = None
+    backbone_dtype: str | None = None
+    shrink_train_images: bool | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> TrainerState:
-        saved = json.loads(text)
-        if "step" in saved:  # how the first checkpoints of this project named `global_step`
+    def read(cls, path: Path) -> TrainerState:
+        saved = json.loads(Path(path).read_text())
+        if "step" in saved:  # older checkpoints name it `step`
             saved["global_step"] = saved.pop("step")
         unknown = sorted(set(saved) - {f.name for f in fields(cls)})
         if unknown:
             raise CommandError(
-                f"{where} has fields this version does not know ({unknown}): it is not its checkpoint"
+                f"{path} has fields this version of run_train.py does not know ({unknown}): a newer version wrote it"
             )
         return cls(**saved)
 
@@ -111,10 +112,12 @@ def find(given: str, output_dir: Path) -> Path:
 def load(accelerator: Any, checkpoint: Path, current: TrainerState) -> TrainerState:
     """Restore the checkpoint into the prepared objects and return its state; refused, with the flag named,
     when `current` (this run's settings) differs from it in what changes the numbers."""
-    saved = TrainerState.from_json((checkpoint / STATE_FILE).read_text(), checkpoint / STATE_FILE)
+    saved = TrainerState.read(checkpoint / STATE_FILE)
     for name, flag in MUST_MATCH.items():
         then, now = getattr(saved, name), getattr(current, name)
-        if then == now:
+        if then is None:  # not recorded: this run's setting goes on record from here
+            setattr(saved, name, now)
+        if then is None or then == now:
             continue
         if name == "model_source":
             raise CommandError(

@@ -59,6 +59,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists every option)\n")
 
 
+def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) -> int:
+    """A data-loader worker flag's value: refused when negative, this machine's default when not given."""
+    if given is None:
+        from .loader import default_num_workers  # here: the dataset package's commands need no torch
+
+        return default_num_workers()
+    if given < 0:
+        parser.error(f"{flag} must not be negative")
+    return given
+
+
 def run_command(main: Callable[[], Any]) -> None:
     """Run a script's `main`; a `CommandError` ends it with its sentence on stderr and its exit code."""
     try:

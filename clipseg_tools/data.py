@@ -13,7 +13,7 @@ from PIL import Image
 from phrasecut_dataset.builder import SPLIT_ALIASES
 
 from .errors import CommandError
-from .sources import cannot_load
+from .sources import load_error
 from .transforms import decode_image
 
 REQUIRED_COLUMNS = ("image", "image_id", "width", "height", "tasks")
@@ -51,12 +51,9 @@ def load_splits(
             )
         try:
             return datasets.load_dataset(dataset_name, cache_dir=cache_dir)
-        except (
-            OSError,
-            FileNotFoundError,
-            ValueError,
-        ) as error:  # a folder of `phrasecut_dataset.publish`, or a Hub id
-            raise cannot_load(source, dataset_name, error, "dataset") from error
+        except (OSError, ValueError) as error:
+            what = f"{source} (a folder written by `python -m phrasecut_dataset.publish`, or its Hub id)"
+            raise load_error(f"{what} could not be loaded", dataset_name, error, "dataset") from error
 
     if accelerator is not None:
         with accelerator.main_process_first():

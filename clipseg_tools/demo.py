@@ -3,9 +3,8 @@
 Without network access there are no CLIP weights and no PhraseCut, so the demo makes both:
 1. a synthetic PhraseCut in the real on-disk format (the project's writer);
 2. a small CLIP built from a config, with a CLIP tokenizer made locally for the synthetic words, given a
-   short contrastive pre-training (CLIP's own objective) on single shapes captioned "<colour> <shape>".
-   A random frozen CLIP gives the decoder little to read: with it the same recipe needs ~1,500 steps to
-   reach a foreground IoU of about 0.5; pre-trained for about a minute, 1,000 steps pass 0.5.
+   short contrastive pre-training (CLIP's own objective) on single shapes captioned "<colour> <shape>": a
+   random frozen CLIP gives the decoder little to read, and the recipe below would need many more steps.
 Both are cached, so later runs start training at once. Then the normal training path runs, with a recipe
 scaled to a 2-core CPU, evaluates on the held-out synthetic test images and saves sample pictures.
 """

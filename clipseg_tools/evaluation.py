@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .batching import EvaluationImages, PhraseIndex, collate_evaluation
+from .batching import PhraseIndex, evaluation_loader
 from .errors import CommandError
-from .loader import create_loader
 from .metrics import (
     OFFICIAL_THRESHOLD,
     THRESHOLDS,
@@ -142,41 +140,35 @@ def evaluate(
     Nothing is drawn from the global random generators, so evaluating during training leaves the
     training run exactly as it would be without it.
     """
-    rows = list(range(min(max_images, len(dataset)) if max_images else len(dataset)))
+    rows = list(range(images_scored(len(dataset), max_images)))
     autotune = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # the phrase count changes from batch to batch: nothing to tune
     try:
         with torch.random.fork_rng(devices=[]):
-            loader = create_loader(
-                EvaluationImages(
-                    dataset,
-                    model.config.image_size,
-                    rows[accelerator.process_index :: accelerator.num_processes],
-                ),
-                partial(
-                    collate_evaluation,
-                    tokenizer=tokenizer,
-                    max_length=model.config.text_config.max_position_embeddings,
-                ),
+            loader = evaluation_loader(
+                dataset,
+                rows[accelerator.process_index :: accelerator.num_processes],
+                model,
+                tokenizer,
                 batch_size=batch_size,
                 device=accelerator.device,
                 num_workers=num_workers,
             )
             was_training = model.training
             model.eval()
+            index = PhraseIndex.from_dataset(dataset)
             parts = _score_batches(
-                model,
-                loader,
-                PhraseIndex.from_dataset(dataset),
-                accelerator,
-                official_threshold,
-                description,
-                mixed_precision,
+                model, loader, index, accelerator, official_threshold, description, mixed_precision
             )
             model.train(was_training)
     finally:
         torch.backends.cudnn.benchmark = autotune
     return _gathered(parts, accelerator, official_threshold, len(rows))
+
+
+def images_scored(num_images: int, max_images: int) -> int:
+    """How many images an evaluation of the first `max_images` (0: all) of `num_images` scores."""
+    return min(max_images, num_images) if max_images else num_images
 
 
 def _score_batches(

@@ -8,7 +8,6 @@ the image, the predicted heat map over it, the ground truth, the phrase and its 
 from __future__ import annotations
 
 import html
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from .batching import EvaluationImages, PhraseIndex, collate_evaluation  # noqa: E402
+from .batching import PhraseIndex, evaluation_loader  # noqa: E402
 from .evaluation import EvaluationResult, predict_logits  # noqa: E402
 from .files import atomic_folder  # noqa: E402
-from .loader import create_loader  # noqa: E402
 from .metrics import low_iou_samples  # noqa: E402
 from .transforms import decode_image, model_inputs  # noqa: E402
 
@@ -60,16 +58,7 @@ def draw_failures(folder, model, processor, split, result, failed, best_iou) -> 
     rows = sorted({int(result.rows[i]) for i in failed})
     wanted = {int(result.sample_ids[i]): i for i in failed}
     device = next(model.parameters()).device
-    loader = create_loader(
-        EvaluationImages(split, model.config.image_size, rows, native_masks=True),
-        partial(
-            collate_evaluation,
-            tokenizer=processor.tokenizer,
-            max_length=model.config.text_config.max_position_embeddings,
-        ),
-        batch_size=4,
-        device=device,
-    )
+    loader = evaluation_loader(split, rows, model, processor.tokenizer, batch_size=4, device=device)
     entries = []
     with torch.no_grad():
         for batch in loader:

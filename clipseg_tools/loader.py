@@ -8,7 +8,6 @@ so that iterating it draws nothing from the global random state (a resumed run s
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -69,12 +68,3 @@ def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     except (OSError, ValueError):  # no cgroup v2 file, or "max": no quota
         return cpus
     return max(1, min(cpus, limit))
-
-
-def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) -> int:
-    """A data-loader worker flag's value: refused when negative, this machine's default when not given."""
-    if given is None:
-        return default_num_workers()
-    if given < 0:
-        parser.error(f"{flag} must not be negative")
-    return given

@@ -18,19 +18,19 @@ def local_copy_hint(source: str, repo_type: str = "model") -> str:
     )
 
 
-def cannot_load(what: str, source: str, error: Exception, repo_type: str = "model") -> CommandError:
-    """The error for `source` that failed to load: `what` names it (e.g. "--model_name_or_path X"), then the
-    loader's reason, and for a Hub id, what to do without network access."""
-    message = f"{what} could not be loaded ({error.__class__.__name__}: {error})"
+def load_error(failure: str, source: str, error: Exception, repo_type: str = "model") -> CommandError:
+    """The error for `source` that did not load: `failure` says which and how (e.g. "--model_name_or_path X
+    could not be loaded"), then comes the loader's reason and, for a Hub id, what to do without network."""
+    message = f"{failure} ({error.__class__.__name__}: {error})"
     if not looks_local(source):
         message += f"; {local_copy_hint(source, repo_type)}"
     return CommandError(message)
 
 
 def looks_local(source: str) -> bool:
-    """Whether `source` names a local path rather than a Hub id (`namespace/name`): it exists, starts with `/`,
-    `.` or `~`, has no `/` at all (a folder beside this one, mistyped), or more than one."""
-    return Path(source).exists() or source.startswith(("/", ".", "~")) or source.count("/") != 1
+    """Whether `source` names a local path rather than a Hub id (`namespace/name`): it exists, starts with `/` or
+    `.`, has no `/` at all (a folder beside this one, mistyped), or more than one."""
+    return Path(source).exists() or source.startswith(("/", ".")) or source.count("/") != 1
 
 
 def model_source_problem(source: str) -> str | None:
@@ -42,7 +42,7 @@ def model_source_problem(source: str) -> str | None:
     transformers' retries.
     """
     if looks_local(source):
-        path = Path(source).expanduser()
+        path = Path(source)
         if not path.exists():
             return "no such folder (a Hub id is namespace/name)"
         if not path.is_dir():

@@ -23,6 +23,11 @@ from .transforms import model_inputs
 
 logger = logging.get_logger(__name__)
 
+# The CLIPSeg recipe's AdamW: `run_train.py`'s defaults (the original code's `--wd 1e-4` was ignored there, and
+# PyTorch's 0.01 applied).
+RECIPE_LEARNING_RATE = 1e-3
+RECIPE_WEIGHT_DECAY = 1e-4
+
 # What the training forward takes from a batch. The tokens go without their attention mask: CLIP's text tower
 # is causal and pools at the end token, so right padding (`batching.tokenize`) changes no embedding, while
 # transformers reads a given mask's values to choose its attention path, a wait for the device every step.

@@ -1,7 +1,7 @@
 """Export prepared PhraseCut splits as a Hub-style dataset repo (Parquet shards + card), and push it.
 
     python -m phrasecut_dataset.publish --data_dir data/VGPhraseCut_v0 --output_dir out/phrasecut_hub \\
-        [--push_to_hub --hub_dataset_id your-name/phrasecut --private] [--max_shard_size 500MB]
+        [--push_to_hub --hub_dataset_id your-name/phrasecut --hub_private_repo] [--max_shard_size 500MB]
 
 The folder it writes is laid out as `push_to_hub` lays out a repo:
 
@@ -239,7 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache_dir", help="datasets cache for the prepared splits")
     parser.add_argument("--splits", nargs="+", help="splits to export (default: all four)")
     parser.add_argument(
-        "--skip_bad", action="store_true", help="skip and count bad images/tasks instead of stopping"
+        "--skip_bad_samples",
+        "--skip_bad",
+        dest="skip_bad",
+        action="store_true",
+        help="skip (and count) broken images and tasks instead of stopping",
     )
     parser.add_argument("--max_shard_size", default="500MB", help="largest Parquet shard")
     parser.add_argument(
@@ -248,7 +252,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push_to_hub", action="store_true", help="upload the export to the Hub")
     parser.add_argument("--hub_dataset_id", help="dataset repo to push to, e.g. your-name/phrasecut")
     parser.add_argument("--hub_token", help="Hub token (default: the logged-in one)")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument(
+        "--hub_private_repo",
+        "--private",
+        dest="private",
+        action="store_true",
+        help="create the repository private",
+    )
     args = parser.parse_args(argv)
     if args.push_to_hub:
         if not args.hub_dataset_id:

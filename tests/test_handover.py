@@ -134,7 +134,7 @@ def test_lists_of_tensors_travel_in_the_buffer_too(train_split, tmp_path, in_a_w
     """An evaluation batch: the native-size masks are a list of tensors of different sizes."""
     tokenizer = build_word_tokenizer(["a", "b", "red", "car"], tmp_path / "tokenizer")
     collate = partial(collate_evaluation, tokenizer=tokenizer, max_length=16)
-    images = EvaluationImages(train_split, 64)
+    images = EvaluationImages(train_split, 64, rows=range(len(train_split)))
     batch = [images[0], images[1], images[2]]
     buffered = SharedBatchRing(collate)(batch)
     assert isinstance(dict(buffered.layout)["native_masks"], list)  # placed in the buffer, mask by mask

@@ -359,7 +359,7 @@ def test_a_decoder_the_clip_cannot_feed_is_named_by_its_flag_and_leaves_no_folde
     assert "Traceback" not in result.stderr and not out.exists()  # a failed run leaves no empty folder
 
 
-def test_a_stock_checkpoint_whose_logits_are_not_at_the_input_size_is_refused_for_training(tmp_path, capsys):
+def test_a_stock_checkpoint_whose_logits_are_not_at_the_input_size_is_refused_for_training(tmp_path):
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
     import run_train
@@ -389,9 +389,14 @@ def test_a_stock_checkpoint_whose_logits_are_not_at_the_input_size_is_refused_fo
 
 
 def test_checkpoints_of_the_first_state_format_still_resume_and_others_are_named(tmp_path):
-    from clipseg_tools.checkpoints import TrainerState
+    from clipseg_tools import checkpoints
     from clipseg_tools.errors import CommandError
 
+    class Restored:  # what `load` asks of the Accelerator once the state is checked
+        def load_state(self, folder):
+            self.folder = folder
+
+    # The first format: the step as `step`, the precision and image storage not recorded.
     first = {
         "step": 6,
         "consumed_batches": 30,
@@ -399,10 +404,22 @@ def test_checkpoints_of_the_first_state_format_still_resume_and_others_are_named
         "log_history": [],
         "model_source": "clip",
     }
-    state = TrainerState.from_json(json.dumps(first), tmp_path / "trainer_state.json")
-    assert state.global_step == 6 and state.consumed_batches == 30
-    with pytest.raises(CommandError, match="trainer_state.json has fields this version does not know"):
-        TrainerState.from_json(json.dumps({**first, "epoch": 2}), tmp_path / "trainer_state.json")
+    (tmp_path / "trainer_state.json").write_text(json.dumps(first))
+    current = checkpoints.TrainerState(
+        model_source="clip", backbone_dtype="bfloat16", shrink_train_images=False
+    )
+    accelerator = Restored()
+    state = checkpoints.load(accelerator, tmp_path, current)
+    assert accelerator.folder == str(tmp_path)
+    assert (state.global_step, state.consumed_batches) == (6, 30)
+    assert (state.backbone_dtype, state.shrink_train_images) == ("bfloat16", False)  # on record from now on
+    with pytest.raises(CommandError, match="trained from 'clip', this run starts from 'other'"):
+        checkpoints.load(accelerator, tmp_path, checkpoints.TrainerState(model_source="other"))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({**first, "epoch": 2}))
+    with pytest.raises(
+        CommandError, match="trainer_state.json has fields this version of run_train.py does not"
+    ):
+        checkpoints.load(accelerator, tmp_path, current)
 
 
 def test_missing_data_dir_is_named(tmp_path, tiny_clip_dir):
