@@ -41,7 +41,9 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
+
+logger = logging.get_logger(__name__)
 
 try:  # as remote code (a package made by transformers) or imported from the project's root
     from .configuration import ClipSegCustomConfig
@@ -591,6 +593,9 @@ class ClipSegCustomModel(PreTrainedModel):
             prompts: for one image, a phrase or example image, or a list of them; for a list of images, a list
                 with one such entry per image.
             processor: the `CLIPSegProcessor` the model was saved with (default: loaded from the model's folder).
+                Its tokenizer and normalisation are used, at the model's own input size `config.image_size`:
+                the size the model was trained at and `run_eval.py` scores it at, whatever size the processor
+                was saved with.
             batch_size: images per forward pass.
 
         Returns:
@@ -618,7 +623,7 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def _predict_chunk(self, images: list[Image.Image], prompt_lists: list[list], processor: Any) -> list:
         device = self.device
-        pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = self._pixels(images, processor)
         flat_prompts = [prompt for prompts in prompt_lists for prompt in prompts]
         image_index = torch.tensor([i for i, prompts in enumerate(prompt_lists) for _ in prompts])
         embeddings = self._embed_prompts(flat_prompts, processor)
@@ -654,9 +659,31 @@ class ClipSegCustomModel(PreTrainedModel):
             ).to(dtype)
         if visuals:
             examples = [to_rgb_image(prompts[i], f"prompt {i}") for i in visuals]
-            pixels = processor.image_processor(images=examples, return_tensors="pt")["pixel_values"]
+            pixels = self._pixels(examples, processor)
             embeddings[visuals] = self.image_embeddings(pixels.to(device, dtype)).to(dtype)
         return embeddings
+
+    def _pixels(self, images: list[Image.Image], processor: Any) -> torch.Tensor:
+        """The processor's pixel values at `config.image_size`, the one source of the input size: a processor
+        saved with another size (a stale preprocessor_config.json) would make predict() disagree with the
+        evaluation, so its size is overridden, and one that cannot give that size is refused."""
+        size = self.config.image_size
+        configured = getattr(processor.image_processor, "size", None) or {}
+        if configured.get("height", size) != size or configured.get("width", size) != size:
+            logger.warning_once(
+                f"the processor resizes images to {configured.get('height')}x{configured.get('width')} but the "
+                f"model's config.image_size is {size}: predict() uses {size}x{size}, as training and run_eval.py do"
+            )
+        pixels = processor.image_processor(
+            images=images, size={"height": size, "width": size}, return_tensors="pt"
+        )["pixel_values"]
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"the processor made {tuple(pixels.shape[-2:])} pixel values, not the model's config.image_size "
+                f"({size}, {size}): give predict() a processor that resizes to a square, e.g. "
+                f"make_processor(tokenizer, image_size={size})"
+            )
+        return pixels
 
     def _default_processor(self) -> Any:
         if getattr(self, "_processor", None) is None:

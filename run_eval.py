@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     data.add_argument("--split", default="test", help="the split scored")
     data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
+    data.add_argument(
+        "--skip_bad_samples",
+        action="store_true",
+        help="skip broken entries of --data_dir (and count them), as run_train.py does",
+    )
     parser.add_argument("--max_images", type=int, default=0, help="score the first N images only (0: all)")
     parser.add_argument(
         "--batch_size", type=int, default=8, help="images per batch (all their phrases together)"
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
         cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
     )
     num_images = images_scored(len(split), args.max_images)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 from PIL import Image
 
 from phrasecut_dataset.builder import SPLIT_ALIASES
@@ -74,8 +75,28 @@ def load_splits(
                 f"the {name} split of {source} lacks the columns {missing}: it is not in the project's PhraseCut "
                 "form (one row per image with its tasks)"
             )
-        loaded.append(splits[name].cast_column("image", datasets.Image(decode=False)))
+        split = splits[name].cast_column("image", datasets.Image(decode=False))
+        check_embedded_images(split, name, source)
+        loaded.append(split)
     return loaded
+
+
+def check_embedded_images(split: datasets.Dataset, name: str, source: str) -> None:
+    """Refuse a split with an image cell that holds no bytes: decoding would open the cell's `path` instead, a
+    file of this machine named by the data (any file, a secret one too). The builder and the export always
+    embed the bytes, so such a row was made elsewhere."""
+    cells = split.data.column("image")
+    missing = pc.is_null(pc.struct_field(cells, "bytes"))
+    if not pc.any(missing).as_py():
+        return
+    row = pc.index(missing, True).as_py()
+    path = cells[row]["path"].as_py()
+    held = f"only the file path {path!r}" if path else "nothing"
+    raise CommandError(
+        f"row {row} of the {name} split of {source} holds no image bytes but {held}: images are read only from "
+        "the bytes stored in the data set, never from files it names; export it again with `python -m "
+        "phrasecut_dataset.publish`, which embeds them"
+    )
 
 
 def shrink_images(dataset: Any, short_side: int, quality: int = 95, num_proc: int | None = None) -> Any:

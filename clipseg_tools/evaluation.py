@@ -100,6 +100,13 @@ def predict_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
             f"the model predicted logits of shape {tuple(logits.shape)} for masks of shape "
             f"{tuple(inputs['labels'].shape)}: it must return one map per phrase at its input size"
         )
+    # Checked here, on the logits, so that the message names the cause (the metrics would only see NaN
+    # probabilities); one read-back per batch, as the counts make anyway.
+    if torch.isnan(logits).any():
+        raise CommandError(
+            "the model's outputs are not finite (NaN logits): its weights or its inputs hold NaN or inf, as after "
+            "a training run that diverged; score an earlier checkpoint, or one trained with a lower learning rate"
+        )
     return logits
 
 

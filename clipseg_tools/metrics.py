@@ -43,6 +43,7 @@ Official PhraseCut protocol (`utils/evaluator.py` and `utils/iou.py` of the Phra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -124,11 +125,17 @@ def confusion_counts(
 def _check_probabilities(probs: torch.Tensor) -> None:
     if probs.numel() == 0:
         return
-    low, high = torch.aminmax(probs)
-    if not (low.item() >= 0.0 and high.item() <= 1.0):  # also catches nan
+    low, high = (value.item() for value in torch.aminmax(probs))  # NaN anywhere makes both NaN
+    # NaN passes through the sigmoid: its cause lies upstream, in the model, not in a missing sigmoid.
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(
+            "probs hold NaN: the model's outputs were not finite (NaN logits), so there is nothing to score; "
+            "check the model's weights and inputs"
+        )
+    if not (low >= 0.0 and high <= 1.0):
         raise ValueError(
             f"probs must be probabilities in [0, 1] (apply torch.sigmoid to logits first); "
-            f"got values in [{low.item()}, {high.item()}]."
+            f"got values in [{low}, {high}]."
         )
 
 

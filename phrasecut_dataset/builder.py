@@ -34,7 +34,14 @@ from datasets.exceptions import DatasetGenerationError
 
 from .masks import polygons_to_mask
 from .subsets import FrequencyRanks, read_frequency_ranks, task_subsets
-from .validate import PhraseCutFormatError, check_image_entry, check_task, read_image_bytes, read_json_list
+from .validate import (
+    SKIP_HINT,
+    PhraseCutFormatError,
+    check_image_entry,
+    check_task,
+    read_image_bytes,
+    read_json_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +162,24 @@ def _task_image_id(task, position: int, refer_path: Path) -> int:
     if not isinstance(task, dict) or not isinstance(task.get("image_id"), int):
         task_id = task.get("task_id", "?") if isinstance(task, dict) else "?"
         raise PhraseCutFormatError(
-            f"{refer_path}: entry {position} (task {task_id}) has no integer 'image_id'; "
-            "pass skip_bad=True to skip and count such entries.",
+            f"{refer_path}: entry {position} (task {task_id}) has no integer 'image_id'; {SKIP_HINT}.",
             "missing_field",
         )
     return task["image_id"]
+
+
+def _first_occurrence(task: dict, position: int, refer_path: Path, seen: dict) -> bool:
+    """Record the task's id at its first entry (True); a later entry with the same id would be scored twice."""
+    task_id = str(task.get("task_id", "?"))
+    if task_id in seen:
+        raise PhraseCutFormatError(
+            f"{refer_path}: entry {position} repeats task {task_id} (first at entry {seen[task_id]}), so it would "
+            f"be trained on and scored more than once; {SKIP_HINT} (the first entry is kept).",
+            "duplicate_task_id",
+        )
+    if "task_id" in task:  # a task without an id is refused by check_task, with its own reason
+        seen[task_id] = position
+    return True
 
 
 def summary_line(split: str, report: dict) -> str:
@@ -320,10 +340,14 @@ class PhraseCut(datasets.GeneratorBasedBuilder):
     def _group_tasks(self, raw_tasks: list, refer_path: Path, counter: _SkipCounter) -> dict:
         """image_id -> its tasks, images in order of first appearance, tasks in file order."""
         by_image: dict = {}
+        seen: dict = {}  # task id -> entry of its first occurrence
         for position, task in enumerate(raw_tasks):
             image_id = self._skippable(counter.tasks, _task_image_id, task, position, refer_path)
-            if image_id is not None:
-                by_image.setdefault(image_id, []).append(task)
+            if image_id is None:
+                continue
+            if not self._skippable(counter.tasks, _first_occurrence, task, position, refer_path, seen):
+                continue
+            by_image.setdefault(image_id, []).append(task)
         return by_image
 
     def _make_row(
@@ -339,7 +363,7 @@ class PhraseCut(datasets.GeneratorBasedBuilder):
         if image_id not in images:
             raise PhraseCutFormatError(
                 f"image {image_id} (task {first_task} in {refer_path.name}) has no entry in image_data_split.json; "
-                "pass skip_bad=True to skip and count such entries.",
+                f"{SKIP_HINT}.",
                 "no_image_metadata",
             )
         meta = check_image_entry(images[image_id], f"image_data_split.json entry for image {image_id}")

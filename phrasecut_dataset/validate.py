@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,14 @@ from PIL import Image, UnidentifiedImageError
 
 from clipseg_tools.errors import CommandError
 
-SKIP_HINT = "pass skip_bad=True to skip and count such entries"
+# Said to command-line users (the scripts' flag) and to Python users (the builder's keyword) alike.
+SKIP_HINT = "pass --skip_bad_samples (skip_bad=True in Python) to skip and count such entries"
+
+# A vertex may lie outside its image (annotations overshoot the border), but not by more than this many image
+# sides beyond an edge: such a value is no annotation of this image but a broken number (1e12 made PIL's
+# rasteriser draw a mask 50 pixels off; it is exact far beyond this bound).
+VERTEX_MARGIN = 1.0
+INT64 = (-(2**63), 2**63 - 1)
 
 TASK_FIELDS = ("task_id", "image_id", "ann_ids", "Polygons", "instance_boxes", "phrase", "phrase_structure")
 STRUCTURE_FIELDS = ("name", "attributes", "relation_ids", "relation_descriptions", "type")
@@ -76,6 +85,11 @@ def _require_fields(entry: Any, fields: tuple[str, ...], where: str) -> None:
         )
 
 
+def _is_int64(value: Any) -> bool:
+    """An integer (not a bool) that fits the int64 columns it is written to."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64[0] <= value <= INT64[1]
+
+
 def check_image_entry(entry: Any, where: str) -> dict:
     """Validate one image_data_split.json entry; returns {image_id, width, height, coco_id}."""
     _require_fields(entry, IMAGE_FIELDS, where)
@@ -85,7 +99,12 @@ def check_image_entry(entry: Any, where: str) -> dict:
             f"{where}: width/height must be positive integers, found {width!r} x {height!r}; {SKIP_HINT}.",
             "bad_field",
         )
-    return {"image_id": entry["image_id"], "width": width, "height": height, "coco_id": entry.get("coco_id")}
+    coco_id = entry.get("coco_id")
+    if coco_id is not None and not _is_int64(coco_id):  # else the Arrow writer fails without naming it
+        raise PhraseCutFormatError(
+            f"{where}: 'coco_id' must be an integer or null, found {coco_id!r}; {SKIP_HINT}.", "bad_field"
+        )
+    return {"image_id": entry["image_id"], "width": width, "height": height, "coco_id": coco_id}
 
 
 def read_image_bytes(path: Path, width: int, height: int, task_hint: str) -> bytes:
@@ -99,12 +118,24 @@ def read_image_bytes(path: Path, width: int, height: int, task_hint: str) -> byt
         )
     data = path.read_bytes()
     try:
-        image = Image.open(io.BytesIO(data))
-        actual = image.size
-        # Decoding at 1/8 scale (JPEG DCT scaling) still reads every byte, so truncation shows up, at a
-        # fraction of the cost of a full decode.
-        image.draft("RGB", (max(1, actual[0] // 8), max(1, actual[1] // 8)))
-        image.load()
+        # Over Image.MAX_IMAGE_PIXELS Pillow only warns (over twice that it raises): refused at the warning
+        # already, as no PhraseCut image comes near it and training would decode the whole image again.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            actual = image.size
+            # Decoding at 1/8 scale (JPEG DCT scaling) still reads every byte, so truncation shows up, at a
+            # fraction of the cost of a full decode.
+            image.draft("RGB", (max(1, actual[0] // 8), max(1, actual[1] // 8)))
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        pixels = re.search(r"\d+", str(error))  # Pillow's message starts with the image's pixel count
+        raise PhraseCutFormatError(
+            f"{where}: the image has {pixels.group() if pixels else 'too many'} pixels, over Pillow's size limit "
+            f"of {Image.MAX_IMAGE_PIXELS} (a possible decompression bomb); replace it, raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS if you trust it, or {SKIP_HINT}.",
+            "image_too_large",
+        ) from None
     except UnidentifiedImageError:
         raise PhraseCutFormatError(
             f"{where}: not an image file; replace it or {SKIP_HINT}.", "not_an_image"
@@ -128,7 +159,17 @@ def _string_list(value: Any) -> bool:
 
 
 def _int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, list) and all(_is_int64(v) for v in value)
+
+
+def _valid_unicode(text: str) -> bool:
+    """False for a string that holds a lone surrogate (a JSON escape such as "\\ud800"): it cannot be written as
+    UTF-8, so the Arrow writer would fail on it without naming the task."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _number_list(value: Any, length: int) -> bool:
@@ -166,6 +207,7 @@ def _check_polygons(polygons: Any, width: int, height: int, where: str) -> list[
             # Kept as the JSON has them (float64): the rasteriser truncates each vertex, and a vertex just below an
             # integer (115.99999999999999, from PhraseCut's own k/600*width) would round up in float32.
             points = np.asarray(polygon, dtype=np.float64)
+            _check_vertices_near(points, width, height, label)
             xs, ys = points[:, 0].astype(np.int64), points[:, 1].astype(np.int64)  # the rasteriser's int()
             if xs.max() < 0 or ys.max() < 0 or xs.min() >= width or ys.min() >= height:
                 raise PhraseCutFormatError(
@@ -175,6 +217,39 @@ def _check_polygons(polygons: Any, width: int, height: int, where: str) -> list[
             arrays.append(points)
         instances.append(arrays)
     return instances
+
+
+def _check_vertices_near(points: np.ndarray, width: int, height: int, label: str) -> None:
+    """Refuse a vertex more than VERTEX_MARGIN image sides beyond the image's edges (checked in float, before
+    any cast to integers could overflow)."""
+    low = -VERTEX_MARGIN * np.array([width, height])
+    high = (1 + VERTEX_MARGIN) * np.array([width, height])
+    outside = np.nonzero(((points < low) | (points > high)).any(axis=1))[0]
+    if len(outside):
+        x, y = points[outside[0]]
+        raise PhraseCutFormatError(
+            f"{label} has vertex {outside[0]} at ({x:g}, {y:g}), far outside the {width}x{height} image (more than "
+            f"{VERTEX_MARGIN:g} image side beyond its edge): a broken coordinate; {SKIP_HINT}.",
+            "polygon_far_outside_image",
+        )
+
+
+def _check_text(task: Mapping, structure: Mapping, relations: list, where: str) -> None:
+    """The phrase must say something, and every string written must be valid Unicode."""
+    if not task["phrase"].strip():
+        raise PhraseCutFormatError(
+            f"{where}: empty phrase (a model would learn this region without a word); {SKIP_HINT}.",
+            "empty_phrase",
+        )
+    texts = [str(task["task_id"]), task["phrase"], structure["name"], str(structure["type"])]
+    texts += [*structure["attributes"], *(s for relation in relations for s in relation)]
+    bad = next((text for text in texts if not _valid_unicode(text)), None)
+    if bad is not None:
+        raise PhraseCutFormatError(
+            f"{where}: the text {bad!r} holds a lone surrogate (a broken \\uXXXX escape), not valid Unicode; "
+            f"{SKIP_HINT}.",
+            "bad_text",
+        )
 
 
 def check_task(task: Any, width: int, height: int, where: str) -> dict:
@@ -204,6 +279,7 @@ def check_task(task: Any, width: int, height: int, where: str) -> dict:
         raise PhraseCutFormatError(
             f"{where}: 'ann_ids' and 'relation_ids' must be lists of integers; {SKIP_HINT}.", "bad_field"
         )
+    _check_text(task, structure, relations, where)
 
     instances = _check_polygons(task["Polygons"], width, height, where)
     boxes = task["instance_boxes"]

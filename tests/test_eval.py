@@ -225,3 +225,116 @@ def test_loading_a_saved_model_asks_no_question(saved_models, monkeypatch):
     model, processor = run_eval.load_model(str(saved_models / "ours"), torch.device("cpu"))
     assert not questions
     assert type(processor).__name__ == "CLIPSegProcessor" and type(model).__name__ == "ClipSegCustomModel"
+
+
+# -- issue 16 ------------------------------------------------------------------------------------------
+
+
+def test_predict_follows_the_config_image_size_as_the_evaluation_does(tmp_path, synthetic_data, saved_models):
+    """A folder whose preprocessor_config.json resizes to 96 while config.image_size is 64: predict() and the
+    evaluation both run the model at 64, and give the same maps."""
+    import shutil
+
+    from torch.nn import functional as F
+
+    from clipseg_tools.batching import evaluation_loader
+    from clipseg_tools.data import load_splits
+    from clipseg_tools.evaluation import predict_logits
+    from clipseg_tools.transforms import decode_image, model_inputs
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_models / "ours", folder)
+    make_processor(AutoTokenizer.from_pretrained(folder), image_size=96).save_pretrained(folder)
+    model, processor = run_eval.load_model(str(folder), torch.device("cpu"))
+    assert model.config.image_size == 64 and processor.image_processor.size["height"] == 96
+
+    (split,) = load_splits({"--split": "test"}, data_dir=str(synthetic_data), cache_dir=str(tmp_path / "c"))
+    loader = evaluation_loader(
+        split, [0], model, processor.tokenizer, batch_size=1, device=torch.device("cpu")
+    )
+    batch = next(iter(loader))
+    with torch.no_grad():
+        logits = predict_logits(model, model_inputs(batch, "cpu"))
+    image = decode_image(split[0]["image"])
+    # predict() resizes the logits to the image's size, then applies the sigmoid
+    expected = torch.sigmoid(
+        F.interpolate(logits[:, None], size=(image.height, image.width), mode="bilinear")
+    )[:, 0]
+    for given in (processor, None):  # passed, and loaded from the model's folder
+        maps = model.predict(image, batch["phrases"], processor=given)[0]
+        assert maps.shape == expected.shape
+        assert (maps - expected).abs().max() < 1e-4, float((maps - expected).abs().max())
+
+
+# -- issue 16: bad data and arguments ------------------------------------------------------------------
+
+
+def test_an_image_cell_holding_a_path_is_refused_not_read(tmp_path, saved_models):
+    """A Parquet row whose image cell names a file instead of carrying bytes must not make the loader read that
+    file of this machine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phrasecut_dataset import export_dataset, load_phrasecut, write_synthetic_phrasecut
+
+    raw = write_synthetic_phrasecut(tmp_path / "raw", {"test": 3}, seed=1, min_size=32, max_size=48)
+    export = export_dataset(
+        load_phrasecut(raw, cache_dir=tmp_path / "c", splits=["test"]), tmp_path / "export"
+    )
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(outside)
+    (shard,) = (export / "data").glob("test-*.parquet")
+    table = pq.read_table(shard)
+    cells = table.column("image").to_pylist()
+    cells[1] = {"bytes": None, "path": str(outside)}
+    column = pa.array(cells, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image", column), shard)
+    argv = ["--model", str(saved_models / "ours"), "--dataset_name", str(export), "--split", "test"]
+    with pytest.raises(
+        CommandError, match=r"row 1 of the test split of --dataset_name .* holds no image bytes"
+    ):
+        run_eval.main([*argv, "--cache_dir", str(tmp_path / "hf"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_skip_bad_samples_is_a_flag_of_run_eval_too(tmp_path, saved_models):
+    import shutil
+
+    from phrasecut_dataset import write_synthetic_phrasecut
+
+    raw = write_synthetic_phrasecut(tmp_path / "raw", {"test": 3}, seed=1, min_size=32, max_size=48)
+    first = json.loads((raw / "refer_test.json").read_text())[0]["image_id"]
+    (raw / "images" / f"{first}.jpg").unlink()
+    argv = ["--model", str(saved_models / "ours"), "--data_dir", str(raw), "--num_workers", "0"]
+    argv += ["--gallery_max", "0", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(CommandError, match="image file is missing.*pass --skip_bad_samples"):
+        run_eval.main([*argv, "--cache_dir", str(tmp_path / "c1")])
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)
+    summaries = run_eval.main([*argv, "--cache_dir", str(tmp_path / "c2"), "--skip_bad_samples"])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["num_images"] == 2
+    assert next(iter(summaries.values()))["num_phrases"] > 0
+
+
+def test_nan_logits_are_reported_as_non_finite_model_outputs(
+    tmp_path, synthetic_data, saved_models, monkeypatch
+):
+    real_load = run_eval.load_model
+
+    class NanOutputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **inputs):
+            output = self.inner(**inputs)
+            output.logits = torch.full_like(output.logits, float("nan"))
+            return output
+
+    def load(spec, device):
+        model, processor = real_load(spec, device)
+        return NanOutputs(model), processor
+
+    monkeypatch.setattr(run_eval, "load_model", load)
+    with pytest.raises(CommandError) as caught:
+        run_eval.main(["--model", str(saved_models / "ours"), "--data_dir", str(synthetic_data),
+                       "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"])  # fmt: skip
+    assert "not finite (NaN logits)" in str(caught.value) and "sigmoid" not in str(caught.value)

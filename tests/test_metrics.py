@@ -89,13 +89,23 @@ def test_counts_accept_float_masks_and_any_trailing_shape():
     ("probs", "targets", "message"),
     [
         (torch.randn(2, 4, 4) * 5, torch.zeros(2, 4, 4), "sigmoid"),
-        (torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2), "sigmoid"),
+        (torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2), r"not finite \(NaN logits\)"),
         (torch.rand(2, 4, 4), torch.zeros(2, 4, 5), "same shape"),
     ],
 )
 def test_counts_reject_bad_input(probs, targets, message):
     with pytest.raises(ValueError, match=message):
         confusion_counts(probs, targets)
+
+
+def test_nan_probabilities_are_not_blamed_on_a_missing_sigmoid():
+    probs = torch.rand(2, 4, 4)
+    probs[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN logits") as caught:
+        confusion_counts(probs, torch.zeros(2, 4, 4))
+    assert "sigmoid" not in str(caught.value)
+    with pytest.raises(ValueError, match="apply torch.sigmoid"):  # logits passed as probabilities still are
+        confusion_counts(probs.nan_to_num(3.0), torch.zeros(2, 4, 4))
 
 
 # ---------------------------------------------------------------- CLIPSeg paper protocol, by hand
