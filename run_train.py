@@ -16,22 +16,25 @@ import json
 import math
 import os
 import re
-import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from clipseg_tools import checkpoints
+from clipseg_tools import checkpoints, run_folder
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits, shrink_images
-from clipseg_tools.errors import CommandError
+from clipseg_tools.errors import FAILED, CommandError
 from clipseg_tools.evaluation import evaluate, images_scored
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
@@ -49,6 +52,7 @@ from clipseg_tools.training import (
     make_optimizer,
     prepare_for_training,
     record_log,
+    set_hyperparameters,
     training_step,
 )
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
@@ -74,6 +78,32 @@ POSITIVE_FLAGS = (
     "checkpointing_steps",
     "logging_steps",
     "per_device_eval_batch_size",
+    "ddp_timeout",
+)
+# The recipe's settings, recorded in every checkpoint: a resume that changes one applies it from there on,
+# says so and records it (those that must not change are `checkpoints.MUST_MATCH`).
+RESUMABLE_SETTINGS = (
+    "max_train_steps",
+    "per_device_train_batch_size",
+    "phrases_per_image",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "min_learning_rate",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "negative_prob",
+    "prompt_template",
+    "no_random_crop",
+    "mix_visual_prompts",
+    "mix_text_min",
+    "mix_text_max",
+    "decoder_dropout",
+    "seed",
 )
 
 
@@ -203,7 +233,13 @@ def add_recipe_arguments(group: argparse._ArgumentGroup) -> None:
 def add_run_arguments(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add("--output_dir", required=True, help="where the model, its card, checkpoints and logs go")
-    add("--overwrite_output_dir", action="store_true", help="start afresh in an --output_dir holding a run")
+    add(
+        "--overwrite_output_dir",
+        action="count",
+        default=0,
+        help="start afresh in an --output_dir holding a run (only the run's files are removed); twice to train in "
+        "a folder that holds other files (they are kept, and never pushed)",
+    )
     add("--checkpointing_steps", type=int, default=1000, help="save a checkpoint every N steps")
     add("--checkpoints_total_limit", type=int, default=3, help="checkpoints kept (0: all)")
     add("--resume_from_checkpoint", help="'latest' or a checkpoint folder")
@@ -212,7 +248,14 @@ def add_run_arguments(group: argparse._ArgumentGroup) -> None:
     add("--per_device_eval_batch_size", type=int, default=8, help="images per evaluation batch")
     add("--logging_steps", type=int, default=10, help="log the loss every N steps")
     add("--with_tracking", action="store_true", help="log to the trackers of --report_to")
-    add("--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard")
+    add("--report_to", default="tensorboard", help="tracker(s) for --with_tracking, e.g. tensorboard,wandb")
+    add(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="seconds a process waits for the others (data preparation by the first process included) before the "
+        "run ends naming the wait",
+    )
 
 
 def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
@@ -267,7 +310,13 @@ def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     for flag in POSITIVE_FLAGS:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
-    for flag in ("num_warmup_steps", "max_eval_images", "eval_steps", "checkpoints_total_limit"):
+    for flag in (
+        "num_warmup_steps",
+        "max_eval_images",
+        "eval_steps",
+        "checkpoints_total_limit",
+        "max_nonfinite_losses",
+    ):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag} must not be negative")
     if args.per_device_train_batch_size % args.phrases_per_image:
@@ -314,14 +363,47 @@ def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                 f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a checkpoint of this script (no "
                 "trainer_state.json); pass 'latest' or a step_N folder under <output_dir>/checkpoints"
             )
+    check_output_dir(parser, args)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id namespace/name")
+    if args.with_tracking:
+        check_trackers(parser, args.report_to)
+
+
+def check_output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A folder the run can write, that holds this run or nothing else (unless told twice)."""
     out = Path(args.output_dir)
-    if (out / "checkpoints").is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+    problem = run_folder.writable_problem(out)
+    if problem:
+        parser.error(f"--output_dir {out}: {problem}")
+    holds_run = run_folder.holds_run(out)
+    if holds_run and not (args.resume_from_checkpoint or args.overwrite_output_dir):
         parser.error(
             f"--output_dir {out} holds a run: pass --resume_from_checkpoint latest to continue it, "
             "or --overwrite_output_dir to start over"
         )
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id namespace/name")
+    foreign = run_folder.foreign_entries(out)
+    if foreign and not holds_run and args.overwrite_output_dir < 2:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        parser.error(
+            f"--output_dir {out} holds files that no run wrote ({shown}): choose a new or empty folder, or pass "
+            "--overwrite_output_dir twice to train there anyway (those files are kept, and never pushed)"
+        )
+
+
+def check_trackers(parser: argparse.ArgumentParser, report_to: str) -> None:
+    """--report_to names trackers that are installed (Accelerate would leave one out with a warning)."""
+    import accelerate.tracking
+
+    for name in (n.strip() for n in report_to.split(",")):
+        if name == "all":
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            parser.error(
+                f"--report_to {name}: not a tracker Accelerate knows ({', '.join(LOGGER_TYPE_TO_CLASS)})"
+            )
+        if not getattr(accelerate.tracking, f"is_{name}_available")():
+            parser.error(f"--report_to {name}: the {name} package is not installed (pip install {name})")
 
 
 def check_push(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -345,28 +427,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     setup_logging(accelerator.is_main_process)
-    if args.demo:
-        from clipseg_tools.demo import prepare_demo
+    owner = accelerator.is_main_process
+    with removed_if_left_empty(args.output_dir, owner):
+        if owner:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        with run_folder.run_lock(Path(args.output_dir), owner), waits_named(args, accelerator):
+            if args.demo:
+                from clipseg_tools.demo import prepare_demo
 
-        with accelerator.main_process_first():  # its data and small CLIP, made once and cached; its recipe
-            args = prepare_demo(args)
-    with removed_if_left_empty(args.output_dir, accelerator.is_main_process):
-        return train(args, accelerator)
+                with accelerator.main_process_first():  # its data and small CLIP, made once and cached
+                    args = prepare_demo(args)
+            return train(args, accelerator)
+
+
+@contextmanager
+def waits_named(args: argparse.Namespace, accelerator: Accelerator) -> Iterator[None]:
+    """A process that waited --ddp_timeout for the others ends with one sentence that says so (the others may
+    be stopped, hung or still preparing data), naming its rank."""
+    try:
+        yield
+    except (RuntimeError, torch.distributed.DistError) as error:
+        text = str(error)
+        if accelerator.num_processes == 1 or not any(
+            w in text for w in ("Timed out", "timed out", "Timeout")
+        ):
+            raise
+        others = [rank for rank in range(accelerator.num_processes) if rank != accelerator.process_index]
+        waited_for = f"process {others[0]}" if len(others) == 1 else f"processes {others[0]}-{others[-1]}"
+        raise CommandError(
+            f"process {accelerator.process_index} of {accelerator.num_processes} waited --ddp_timeout "
+            f"{args.ddp_timeout} s for {waited_for} and gave up ({text.splitlines()[0][:160]}): it is hung, "
+            "stopped or much slower (preparing data for the first time: raise --ddp_timeout)",
+            FAILED,
+        ) from error
 
 
 def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    """Build the pieces, train, evaluate, save, share; returns `all_results.json`'s content."""
+    """Build the pieces, train, save, evaluate, share; returns `all_results.json`'s content."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process and args.overwrite_output_dir and not args.resume_from_checkpoint:
-        shutil.rmtree(output_dir, ignore_errors=True)
+        removed = run_folder.remove_run(output_dir)
+        if removed:
+            logger.info(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
     accelerator.wait_for_everyone()
-    output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
     model, processor = build_model(args)
     train_split, eval_split = load_data(args, accelerator, model.config.image_size)
+    if len(eval_split) == 0:
+        raise CommandError(
+            f"--validation_split {args.validation_split} has no images: give a split that has some"
+        )
     samples, train_loader = training_data(args, accelerator, model, processor, train_split)
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
     # kernels for the head's 3x3 convolution.
@@ -380,27 +494,19 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     betas = (args.adam_beta1, args.adam_beta2)
     optimizer = make_optimizer(trainable, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
-    schedule = partial(
-        learning_rate_factor,
-        total_steps=args.max_train_steps,
-        warmup_steps=args.num_warmup_steps,
-        schedule=args.lr_scheduler_type,
-        floor=args.min_learning_rate / args.learning_rate,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer, train_loader = prepare_for_training(accelerator, model, optimizer, train_loader)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step, by the loop
     checkpoints.keep_decoder_only(accelerator)
 
     state = checkpoints.TrainerState(
         model_source=model_source(args),
         backbone_dtype=str(backbone_dtype).removeprefix("torch."),
         shrink_train_images=args.shrink_train_images,
+        settings=run_settings(args, accelerator),
     )
     if args.resume_from_checkpoint:
-        state = checkpoints.load(
-            accelerator, checkpoints.find(args.resume_from_checkpoint, output_dir), state
-        )
+        state = resume(args, accelerator, state)
+    # This run's flags, over what a checkpoint's optimizer state brought back (the learning rate: each step).
+    set_hyperparameters(optimizer, weight_decay=args.weight_decay, betas=betas, eps=args.adam_epsilon)
     if args.with_tracking:
         config = training_config(args, accelerator)
         scalars = {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
@@ -408,8 +514,41 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable)
 
     evaluator = partial(run_evaluation, args, accelerator, split=eval_split, processor=processor)
-    train_loop(args, accelerator, model, optimizer, scheduler, train_loader, state, evaluator)
+    train_loop(args, accelerator, model, optimizer, train_loader, state, evaluator)
     return finish(args, accelerator, model, processor, eval_split, state)
+
+
+def run_settings(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    """What a checkpoint records of the recipe, to say what a resume changes."""
+    settings = {name: getattr(args, name) for name in RESUMABLE_SETTINGS}
+    return {
+        **settings,
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
+
+
+def resume(args, accelerator, state: checkpoints.TrainerState) -> checkpoints.TrainerState:
+    """Continue from --resume_from_checkpoint: its later checkpoints are set aside (a rewind), and 'latest'
+    with none saved yet starts from the beginning."""
+    output_dir = Path(args.output_dir)
+    checkpoint = checkpoints.find(args.resume_from_checkpoint, output_dir)
+    if checkpoint is None:
+        return state
+    accelerator.wait_for_everyone()  # every process has found it before any is moved
+    if accelerator.is_main_process:
+        checkpoints.set_aside_after(checkpoint, output_dir)
+    accelerator.wait_for_everyone()
+    return checkpoints.load(accelerator, checkpoint, state)
+
+
+def learning_rate_at(args: argparse.Namespace, step: int) -> float:
+    """The learning rate of optimizer step `step` (counted from 0), from this run's flags."""
+    floor = args.min_learning_rate / args.learning_rate
+    factor = learning_rate_factor(
+        step, args.max_train_steps, args.num_warmup_steps, args.lr_scheduler_type, floor
+    )
+    return args.learning_rate * factor
 
 
 def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
@@ -580,7 +719,7 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_loop(args, accelerator, model, optimizer, scheduler, train_loader, state, evaluator) -> None:
+def train_loop(args, accelerator, model, optimizer, train_loader, state, evaluator) -> None:
     """Optimizer steps until --max_train_steps, from where `state` is; logs, checkpoints and evaluations on
     the way. `state` is updated in place (each checkpoint stores it)."""
     batches_per_epoch = len(train_loader)
@@ -591,6 +730,7 @@ def train_loop(args, accelerator, model, optimizer, scheduler, train_loader, sta
         desc="training",
     )
     tally = LossTally.on(accelerator.device, state.global_step)
+    set_hyperparameters(optimizer, lr=learning_rate_at(args, state.global_step))
     model.train()
     while state.global_step < args.max_train_steps:
         epoch, skip = divmod(state.consumed_batches, batches_per_epoch)
@@ -602,15 +742,15 @@ def train_loop(args, accelerator, model, optimizer, scheduler, train_loader, sta
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
-            scheduler.step()
+            set_hyperparameters(optimizer, lr=learning_rate_at(args, state.global_step))
             progress.update(1)
-            after_step(args, accelerator, model, scheduler, progress, tally, state, evaluator)
+            after_step(args, accelerator, model, optimizer, progress, tally, state, evaluator)
             if state.global_step >= args.max_train_steps:
                 break
     progress.close()
 
 
-def after_step(args, accelerator, model, scheduler, progress, tally, state, evaluator) -> None:
+def after_step(args, accelerator, model, optimizer, progress, tally, state, evaluator) -> None:
     """The log, the checkpoint and the evaluation due after this optimizer step."""
     step = state.global_step
     last = step == args.max_train_steps
@@ -619,7 +759,7 @@ def after_step(args, accelerator, model, scheduler, progress, tally, state, eval
     if log_due or checkpoint_due:
         count_skipped_steps(tally, state, args.max_nonfinite_losses, accelerator.is_main_process)
     if log_due:
-        logs = record_log(accelerator, tally, scheduler.get_last_lr()[0], state)
+        logs = record_log(accelerator, tally, optimizer.param_groups[0]["lr"], state)
         progress.set_postfix(
             loss=f"{logs['train_loss']:.4f}",
             lr=f"{logs['learning_rate']:.2e}",
@@ -673,57 +813,92 @@ def eval_results(metrics: dict[str, float]) -> dict[str, float]:
 def finish(
     args, accelerator, model, processor, eval_split, state: checkpoints.TrainerState
 ) -> dict[str, Any]:
-    """Score the decoder on the starting float32 CLIP, save it with its card and results, and push it."""
+    """Save the decoder on the starting float32 CLIP with its card, then score it and add the scores, then push.
+    Saved first: an evaluation that fails (broken data, a full /dev/shm) leaves the trained model in place."""
     final_model = float32_model(args, accelerator, model)
-    metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
-    if args.with_tracking:
-        accelerator.log(eval_results(metrics), step=state.global_step)
-        accelerator.end_training()
     results = {
-        **eval_results(metrics),
         "train_steps": state.global_step,
         "nonfinite_losses": state.nonfinite_losses,
         "num_processes": accelerator.num_processes,
         "decoder_checksum_per_process": decoder_checksums(accelerator, model),
     }
     if accelerator.is_main_process:
-        save_final_model(args, accelerator, final_model, processor, metrics, results, state)
+        save_final_model(args, accelerator, final_model, processor, results, state)
+    accelerator.wait_for_everyone()
+    try:
+        metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
+    except Exception as error:
+        raise CommandError(
+            f"the final evaluation failed ({str(error).strip().splitlines()[-1][:300]}); the trained model is saved "
+            f"in {args.output_dir} without scores: score it with `python run_eval.py --model {args.output_dir}`",
+            FAILED,
+        ) from error
+    results = {**eval_results(metrics), **results}
+    if args.with_tracking:
+        accelerator.log(eval_results(metrics), step=state.global_step)
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        with atomic_folder(args.output_dir, merge=True) as staging:
+            write_card(args, accelerator, staging, metrics)
+            (staging / "all_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         report(args, final_model, processor, eval_split, metrics)
     if args.push_to_hub and accelerator.is_main_process:  # last: a failed push leaves everything else done
-        url = push_folder(
-            Path(args.output_dir),
-            args.hub_model_id,
-            local_only=checkpoints.STAYS_LOCAL,
-            private=args.hub_private_repo,
-            token=args.hub_token,
-            commit_message="Upload model trained with clipseg-finetune",
-        )
-        logger.info(f"Pushed {args.output_dir} to {url}")
+        push_model(args)
     return results
 
 
-def save_final_model(args, accelerator, model, processor, metrics, results, state) -> None:
-    """Model, processor, code, card and results, written aside and then moved into --output_dir."""
-    output_dir = Path(args.output_dir)
-    with atomic_folder(output_dir, merge=True) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        (staging / "all_results.json").write_text(json.dumps(results, indent=2))
-        log = {"global_step": state.global_step, "log_history": state.log_history}
-        (staging / "training_log.json").write_text(json.dumps(log, indent=2))
-        write_model_card(
-            staging,
-            model_name=args.hub_model_id or output_dir.name,
-            base_model=model_source(args),
-            dataset_name=args.dataset_name or ("synthetic PhraseCut (demo)" if args.demo else "PhraseCut"),
-            eval_split=args.validation_split,
-            metrics=metrics,
-            training_config=training_config(args, accelerator),
-            notes=getattr(args, "card_notes", ""),
-            eval_scope=f"{plural(metrics['images'], 'image')}, {plural(metrics['samples'], 'phrase')}",
-        )
+def push_model(args: argparse.Namespace) -> str:
+    """Upload the files the run saved (its list of them), nothing else the folder holds; returns the URL."""
+    url = push_folder(
+        Path(args.output_dir),
+        args.hub_model_id,
+        files=run_folder.model_files(Path(args.output_dir)),
+        private=args.hub_private_repo,
+        token=args.hub_token,
+        commit_message="Upload model trained with clipseg-finetune",
+    )
+    logger.info(f"Pushed {args.output_dir} to {url}")
+    return url
+
+
+def save_final_model(args, accelerator, model, processor, results, state) -> None:
+    """Model, processor, code, card (scores follow) and results, written aside and then moved into
+    --output_dir, with the list of these files (what a push uploads, what --overwrite_output_dir removes)."""
+    log = {"global_step": state.global_step, "log_history": state.log_history}
+    if state.setting_changes:
+        log["setting_changes"] = state.setting_changes
+    try:
+        with atomic_folder(args.output_dir, merge=True) as staging:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+            (staging / "all_results.json").write_text(json.dumps(results, indent=2))
+            (staging / "training_log.json").write_text(json.dumps(log, indent=2))
+            write_card(args, accelerator, staging, metrics={})
+            run_folder.record_model_files(staging, [p.name for p in staging.iterdir()])
+    except OSError as error:
+        raise CommandError(
+            f"the model could not be saved in {args.output_dir} ({error}); free space there and rerun with "
+            "--resume_from_checkpoint latest (the last checkpoint holds the trained decoder)",
+            FAILED,
+        ) from error
+
+
+def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> None:
+    """The model card, with the scores once there are some; local paths are left off it."""
+    scope = f"{plural(metrics['images'], 'image')}, {plural(metrics['samples'], 'phrase')}" if metrics else ""
+    write_model_card(
+        folder,
+        model_name=args.hub_model_id or Path(args.output_dir).name,
+        base_model=model_source(args),
+        dataset_name=args.dataset_name or ("synthetic PhraseCut (demo)" if args.demo else "PhraseCut"),
+        eval_split=args.validation_split,
+        metrics=metrics,
+        training_config=training_config(args, accelerator),
+        notes=getattr(args, "card_notes", ""),
+        eval_scope=scope,
+    )
 
 
 def report(args, model, processor, eval_split, metrics) -> None:

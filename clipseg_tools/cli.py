@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import logging
 import sys
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
-from .errors import CommandError
+from .errors import FAILED, CommandError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -71,15 +72,56 @@ def worker_count(parser: argparse.ArgumentParser, given: int | None, flag: str) 
 
 
 def run_command(main: Callable[[], Any]) -> None:
-    """Run a script's `main`; a `CommandError` ends it with its sentence on stderr and its exit code."""
+    """Run a script's `main`; a `CommandError` ends it with its sentence on stderr and its exit code, and so
+    does a full disk or shared memory (`out_of_space`)."""
     try:
         main()
     except CommandError as error:
         message = str(error)
         if "\nOriginal Traceback" in message:  # raised in a data-loader worker: its sentence is the last line
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        print(f"error: {message}", file=sys.stderr)
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on a line of its own, below any progress bar
         sys.exit(error.exit_code)
+    except Exception as error:
+        message = out_of_space(error)
+        if message is None:
+            raise
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on a line of its own, below any progress bar
+        sys.exit(FAILED)
+
+
+def written(error: BaseException) -> bool:
+    """torch.save's way of saying that a write failed (a full disk, mostly): a C++ stream error."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "PytorchStreamWriter" in text or "inline_container.cc" in text
+    )
+
+
+def out_of_space(error: BaseException) -> str | None:
+    """One sentence for a full disk or a full shared memory (`/dev/shm`, where data-loader workers hand their
+    batches over), which otherwise surface as a C++ stream error or a worker's traceback (or as the cause of
+    another error, such as a data set's preparation failing); None for others."""
+    causes = [error]
+    while causes[-1].__cause__ is not None and len(causes) < 10:
+        causes.append(causes[-1].__cause__)
+    return next((said for said in map(_out_of_space, causes) if said), None)
+
+
+def _out_of_space(error: BaseException) -> str | None:
+    text = str(error)
+    if "shared memory" in text or "/dev/shm" in text or "torch_" in text and "No space left" in text:
+        return (
+            "shared memory (/dev/shm) is full or too small for the data-loader workers' batches: give the "
+            "machine (or container: docker run --shm-size 8g) more, or pass --dataloader_num_workers 0"
+        )
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text or written(error):
+        where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+        return (
+            f"the disk is full{where} ({text.splitlines()[0][:200]}): free space and run again (a training run "
+            "continues with --resume_from_checkpoint latest)"
+        )
+    return None
 
 
 class _BetweenBars(logging.Handler):

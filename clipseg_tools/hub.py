@@ -32,16 +32,25 @@ def hub_access_problem(token: str | None) -> str | None:
     return None
 
 
-def files_to_push(folder: Path, local_only: Sequence[str] = ()) -> list[Path]:
-    """The folder's files, leaving out hidden ones (unfinished writes) and the top-level entries named in
-    `local_only` (a run's checkpoints and tracker logs)."""
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.relative_to(folder).parts[0] not in local_only
-    )
+def checked_files(folder: Path, names: Sequence[str]) -> dict[str, Path]:
+    """The files `names` (relative to `folder`) as the push uploads them, each checked to be a plain file inside
+    the folder: a link (to a system file, say) or a name leading out of the folder is refused, never followed."""
+    folder = Path(folder)
+    files = {}
+    for name in names:
+        path = folder / name
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise CommandError(f"{name!r} is not a file inside {folder}: nothing was pushed")
+        if any((folder / Path(*relative.parts[: i + 1])).is_symlink() for i in range(len(relative.parts))):
+            raise CommandError(
+                f"{path} is a symbolic link: the push uploads only files written there, never a link's target "
+                "(nothing was pushed; replace the link with the file itself)"
+            )
+        if not path.is_file():
+            raise CommandError(f"{path} is missing or not a file: nothing was pushed")
+        files[relative.as_posix()] = path
+    return files
 
 
 def push_folder(
@@ -49,21 +58,22 @@ def push_folder(
     repo_id: str,
     *,
     repo_type: str = "model",
+    files: Sequence[str],
     what: str = "The model",
-    local_only: Sequence[str] = (),
     replace_under: str | None = None,
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload with clipseg-finetune",
 ) -> str:
-    """Create the repository if needed and upload `files_to_push(folder, local_only)` in one commit; with
+    """Create the repository if needed and upload `files` (names relative to `folder`: what a run or an
+    export wrote there, nothing else the folder holds) in one commit; with
     `replace_under` (a folder of the repository, e.g. "data/"), its files that this folder no longer has are
     deleted in the same commit. Returns the commit's URL. A failure says that `what` (e.g. "The model") is
     complete in `folder`, and the command that pushes it later."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(token=token)
-    files = {path.relative_to(folder).as_posix(): path for path in files_to_push(folder, local_only)}
+    files = checked_files(folder, files)
     try:
         repo_id = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True).repo_id
         operations = [
@@ -82,21 +92,19 @@ def push_folder(
     except Exception as error:  # no network, a refused token, a full quota: say what is safe, how to retry
         raise CommandError(
             f"--push_to_hub {repo_id} failed ({error.__class__.__name__}: {error}). {what} in {folder} is "
-            f"complete; push it later with `{upload_command(folder, repo_id, repo_type, local_only, private)}`",
+            f"complete; push it later with `{upload_command(folder, repo_id, repo_type, sorted(files), private)}`",
             FAILED,
         ) from error
     return commit.commit_url
 
 
-def upload_command(
-    folder: Path, repo_id: str, repo_type: str, local_only: Sequence[str], private: bool
-) -> str:
-    """The `hf upload` command that pushes what `push_folder` pushes."""
+def upload_command(folder: Path, repo_id: str, repo_type: str, files: Sequence[str], private: bool) -> str:
+    """The `hf upload` command that pushes what `push_folder` pushes: those files and no others."""
     parts = ["hf", "upload", repo_id, str(folder)]
     if repo_type != "model":
         parts += ["--repo-type", repo_type]
     if private:
         parts.append("--private")
-    for pattern in (*(f"{name}/*" for name in local_only), ".*"):
-        parts += ["--exclude", pattern]
+    for name in files:
+        parts += ["--include", name]
     return shlex.join(parts)

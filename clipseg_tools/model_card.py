@@ -29,6 +29,29 @@ ATTRIBUTION = """\
 """
 
 
+# Flags whose values are places on the trainer's machine: left off the card, which is published.
+LOCAL_PLACES = ("output_dir", "cache_dir", "resume_from_checkpoint", "hub_token", "card_notes")
+# Flags that name a model or data set: a Hub id stays, a local folder is shown by its own name only.
+SOURCES = ("model_name_or_path", "clip_model_name_or_path", "data_dir", "dataset_name")
+
+
+def public_name(source: str | None) -> str | None:
+    """What a reader can make sense of: a Hub id as it is, a local file or folder by its own name (never the
+    trainer's file system)."""
+    if source is None or not Path(source).exists() and not Path(source).is_absolute():
+        return source
+    return Path(source).name
+
+
+def public_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The training configuration as the card shows it: no local places, sources by their public names."""
+    shown = {key: value for key, value in config.items() if key not in LOCAL_PLACES}
+    for key in SOURCES:
+        if shown.get(key):
+            shown[key] = public_name(shown[key])
+    return shown
+
+
 def eval_results(metrics: dict[str, float], dataset_name: str, split: str) -> list[EvalResult]:
     return [
         EvalResult(
@@ -59,14 +82,17 @@ def write_model_card(
 ) -> Path:
     """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution.
 
-    `eval_split` is the split's name (the metadata's); `eval_scope` says in the text how much of it was scored."""
+    `eval_split` is the split's name (the metadata's); `eval_scope` says in the text how much of it was scored.
+    Local paths in `base_model`, `dataset_name` and `training_config` are shown by their own names only."""
+    base_model, dataset_name = public_name(base_model), public_name(dataset_name)
+    training_config = public_config(training_config)
     card_data = ModelCardData(
         model_name=model_name,
         library_name="transformers",
         pipeline_tag="image-segmentation",
         tags=["clipseg", "image-segmentation", "referring-expression-segmentation", "custom_code"],
         datasets=[dataset_name] if "/" in dataset_name else None,
-        base_model=base_model if "/" in base_model and not Path(base_model).exists() else None,
+        base_model=base_model if "/" in base_model else None,
         eval_results=eval_results(metrics, dataset_name, eval_split) or None,
     )
     rows = "\n".join(

@@ -1,5 +1,5 @@
 """The training step and what it keeps between steps (the loss summed on the device between logs), the
-optimizer and its schedule.
+optimizer and its schedule (a function of the step, set on the optimizer by `set_hyperparameters`).
 
 `run_train.py` drives them; the benchmark's data-fed loop runs the same step, so its figures are the
 script's. A step never waits for the device: the loss, and whether it was finite, stay there until a log
@@ -181,6 +181,13 @@ def learning_rate_factor(
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return floor + (1 - floor) * shape
+
+
+def set_hyperparameters(optimizer: Any, **settings: Any) -> None:
+    """Give every parameter group these AdamW settings (`lr`, `weight_decay`, `betas`, `eps`): the learning
+    rate at each step, and this run's flags over those a checkpoint's optimizer state brings back."""
+    for group in optimizer.param_groups:
+        group.update(settings)
 
 
 def backbone_dtype_for(choice: str, mixed_precision: str) -> torch.dtype:

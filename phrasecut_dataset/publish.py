@@ -15,7 +15,7 @@ so `load_dataset("parquet", data_files=...)`, `load_dataset(<folder>)` and, once
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -166,9 +166,13 @@ builder; masks are not stored but rasterised from the polygons with the official
 
 
 def dataset_card(
-    dataset_dict: datasets.DatasetDict, shards: Mapping[str, list[Path]], skip_report: Mapping | None = None
+    dataset_dict: datasets.DatasetDict,
+    shards: Mapping[str, list[Path]],
+    skip_report: Mapping | None = None,
+    left_out: Sequence[str] = (),
 ) -> str:
-    """The README.md text: YAML header (parsed by the Hub and by `load_dataset`) and prose."""
+    """The README.md text: YAML header (parsed by the Hub and by `load_dataset`) and prose. `left_out` names the
+    splits that had no images and were not exported."""
     split_rows = "\n".join(
         f"| {split} | {len(dataset)} | {_task_count(dataset)} |" for split, dataset in dataset_dict.items()
     )
@@ -181,9 +185,17 @@ def dataset_card(
             f"Left out while preparing: {known_bad} images whose metadata size does not match the JPEG "
             f"(the known bad images), {other} other images and {tasks} tasks that failed validation."
         )
+    if left_out:
+        skip_note += (
+            f" The {', '.join(left_out)} split{'s' if len(left_out) > 1 else ''} had no images and "
+            f"{'are' if len(left_out) > 1 else 'is'} left out (an empty split cannot be loaded back)."
+        )
     header = yaml.safe_dump(card_metadata(dataset_dict, shards), sort_keys=False, allow_unicode=True)
-    body = CARD_BODY.format(split_rows=split_rows, skip_note=skip_note, citation=CITATION)
+    body = CARD_BODY.format(split_rows=split_rows, skip_note=skip_note.strip(), citation=CITATION)
     return f"---\n{header}---\n{body}"
+
+
+EXPORT_ENTRIES = ("README.md", "data")  # what an export folder holds: the card and the Parquet shards
 
 
 def export_dataset(
@@ -197,17 +209,49 @@ def export_dataset(
 
     `dataset_dict` holds the splits as `load_phrasecut` returns them (after a `select` or `shuffle`,
     call `flatten_indices()` first: sizes and counts are read from the underlying Arrow tables).
-    Written under a temporary name and renamed when complete, so a crash leaves no half export.
+    A split without images is left out, saying so in the log and the card: `load_dataset` cannot load an
+    empty split back. Written under a temporary name and renamed when complete, so a crash leaves no half export.
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
         )
+    foreign = sorted(p.name for p in output_dir.glob("*") if p.name not in EXPORT_ENTRIES)
+    if foreign:  # an overwrite replaces the whole folder: only an earlier export's
+        raise FileExistsError(
+            f"{output_dir} holds files that are not an export's ({', '.join(foreign[:5])}); --overwrite_output_dir "
+            "replaces an earlier export only: choose another --output_dir"
+        )
+    dataset_dict, left_out = _without_empty_splits(dataset_dict)
     with atomic_folder(output_dir) as staging:
         shards = write_parquet_shards(dataset_dict, staging, max_shard_size)
-        (staging / "README.md").write_text(dataset_card(dataset_dict, shards, skip_report), encoding="utf-8")
+        card = dataset_card(dataset_dict, shards, skip_report, left_out)
+        (staging / "README.md").write_text(card, encoding="utf-8")
     return output_dir
+
+
+def _without_empty_splits(dataset_dict: datasets.DatasetDict) -> tuple[datasets.DatasetDict, list[str]]:
+    """The splits that have rows, and the names of those left out. An empty split's Parquet file loads as
+    "Instruction 'test' corresponds to no data", failing the whole `load_dataset`."""
+    left_out = [split for split, dataset in dataset_dict.items() if len(dataset) == 0]
+    if len(left_out) == len(dataset_dict):
+        raise CommandError(
+            f"no split has any image ({', '.join(left_out) or 'no splits given'}): there is nothing to export"
+        )
+    for split in left_out:
+        logger.warning(
+            f"the {split} split has no images and is left out of the export (an empty split cannot be loaded back)"
+        )
+    kept = datasets.DatasetDict({split: d for split, d in dataset_dict.items() if split not in left_out})
+    return kept, left_out
+
+
+def export_files(export_dir: Path) -> list[str]:
+    """What `export_dataset` writes: the card and the Parquet shards under data/ (nothing else a user put
+    there, hidden or not)."""
+    shards = sorted(p.relative_to(export_dir).as_posix() for p in (export_dir / "data").rglob("*.parquet"))
+    return ["README.md", *shards]
 
 
 def push_export_to_hub(
@@ -218,10 +262,12 @@ def push_export_to_hub(
     Shards left under data/ by an earlier push, and not part of this export, are deleted in the
     same commit (as `push_to_hub` does), so the repo holds exactly the exported files.
     """
+    export_dir = Path(export_dir)
     return push_folder(
-        Path(export_dir),
+        export_dir,
         repo_id,
         repo_type="dataset",
+        files=export_files(export_dir),
         what="The export",
         replace_under="data/",
         private=private,

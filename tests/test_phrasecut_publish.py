@@ -1,6 +1,7 @@
 """Export to a Hub-style folder, read it back every way `datasets` offers, and push it (offline, patched)."""
 
 import io
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -167,6 +168,30 @@ def test_push_uploads_exactly_the_export_and_removes_stale_shards(synthetic):
     assert card_header(card)["configs"][0]["config_name"] == "default"
 
 
+def test_push_never_sends_files_the_export_did_not_write_nor_follows_links(synthetic, tmp_path):
+    _, prepared, out = synthetic
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    (folder / "notes.txt").write_text("the user's")
+    (folder / ".env").write_text("HF_TOKEN=secret")
+    (folder / "data" / ".cache").mkdir()
+    (folder / "data" / ".cache" / "x.lock").write_text("")
+    hub = FakeHub()
+    with hub.patch():
+        push_export_to_hub(folder, "someone/phrasecut")
+    assert sorted(hub.uploaded()) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+    (folder / "data" / "train-99999-of-99999.parquet").symlink_to("/etc/passwd")
+    hub = FakeHub()
+    with hub.patch(), pytest.raises(CommandError, match="train-99999-of-99999.parquet is a symbolic link"):
+        push_export_to_hub(folder, "someone/phrasecut")
+    assert not hub.uploaded()
+    # An overwrite replaces an earlier export, never a folder holding anything else.
+    with pytest.raises(FileExistsError, match=r"holds files that are not an export's \(.env, notes.txt\)"):
+        export_dataset(prepared, folder, overwrite=True)
+    assert (folder / "notes.txt").is_file()
+
+
 def test_push_offline_says_what_to_do(synthetic):
     _, _, out = synthetic
     with pytest.raises(
@@ -206,3 +231,29 @@ def test_command_line_errors(tmp_path, capsys):
     assert "--push_to_hub needs --hub_dataset_id" in capsys.readouterr().err
     with pytest.raises(PhraseCutFormatError, match="is not a directory"):
         publish_main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+
+
+def test_an_empty_split_is_left_out_of_the_export_and_said_so(tmp_path, caplog):
+    """datasets cannot load an empty split back ("corresponds to no data"): the export leaves it out, and the
+    log and the card say so."""
+    raw = write_synthetic_phrasecut(tmp_path / "raw", {"train": 2}, seed=1, min_size=32, max_size=48)
+    prepared = load_phrasecut(raw, cache_dir=tmp_path / "cache", splits=["train", "test"])
+    assert len(prepared["test"]) == 0
+    with caplog.at_level("WARNING", logger="phrasecut_dataset.publish"):
+        out = export_dataset(prepared, tmp_path / "export")
+    loaded = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf_cache"))
+    assert list(loaded) == ["train"]
+    assert plain_rows(loaded["train"]) == plain_rows(prepared["train"])
+    assert not list((out / "data").glob("test-*"))
+    assert "the test split has no images" in caplog.text
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "The test split had no images and is left out" in card
+    assert [s["name"] for s in card_header(card)["dataset_info"]["splits"]] == ["train"]
+
+
+def test_an_export_of_empty_splits_only_is_refused(tmp_path):
+    raw = write_synthetic_phrasecut(tmp_path / "raw", {"train": 1}, seed=1, min_size=32, max_size=48)
+    prepared = load_phrasecut(raw, cache_dir=tmp_path / "cache", splits=["test", "miniv"])
+    with pytest.raises(CommandError, match="no split has any image.*test, miniv"):
+        export_dataset(prepared, tmp_path / "export")
+    assert not (tmp_path / "export").exists()

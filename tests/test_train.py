@@ -190,38 +190,62 @@ def test_two_processes_on_cpu_train_together_and_score_each_sample_once(
         assert results[f"eval_{key}"] == scores[key], key
 
 
-def test_push_sends_the_model_folder_and_a_card_that_parses(tmp_path, synthetic_data, tiny_clip_dir):
-    out = tmp_path / "out"
-    result = run_script(train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "2"))
-    assert result.returncode == 0, result.stderr[-4000:]
-
-    from huggingface_hub import HfApi, ModelCard
+def fake_hub(sent: dict):
+    """HfApi's repository creation and commit, recording what would be uploaded."""
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoUrl
-
-    from clipseg_tools.checkpoints import STAYS_LOCAL
-    from clipseg_tools.hub import push_folder
-
-    sent = {}
 
     def fake_create_commit(self, repo_id, operations, **kwargs):
         sent["repo"] = repo_id
         sent["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    with (
-        mock.patch.object(
-            HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
-        ),
-        mock.patch.object(HfApi, "create_commit", fake_create_commit),
-    ):
-        push_folder(out, "someone/clipseg-demo", local_only=STAYS_LOCAL, token="hf_test")
+    create = mock.patch.object(
+        HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
+    )
+    return create, mock.patch.object(HfApi, "create_commit", fake_create_commit)
+
+
+def test_push_sends_the_saved_model_only_never_other_files_or_a_link_target(
+    tmp_path, synthetic_data, tiny_clip_dir
+):
+    out = tmp_path / "out"
+    result = run_script(train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "2"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    # What the user keeps in the folder, and what an attacker might plant there: never uploaded.
+    (out / "notes.txt").write_text("private")
+    (out / ".env").write_text("HF_TOKEN=secret")
+    (out / "passwd").symlink_to("/etc/passwd")
+
+    from huggingface_hub import ModelCard
+
+    import run_train
+    from clipseg_tools.errors import CommandError
+
+    args = run_train.parse_args(
+        train_args(synthetic_data, tiny_clip_dir, out, "--resume_from_checkpoint", "latest")
+    )
+    args.hub_model_id, args.hub_token = "someone/clipseg-demo", "hf_test"
+    sent = {}
+    create, commit = fake_hub(sent)
+    with create, commit:
+        run_train.push_model(args)
     assert sent["repo"] == "someone/clipseg-demo"
     names = set(sent["files"])
     assert SAVED_MODEL_FILES <= names
     assert {"processor_config.json", "tokenizer.json", "all_results.json", "training_log.json"} <= names
+    assert not names & {"notes.txt", ".env", "passwd", "run_files.json"}
     assert not any(name.startswith("checkpoints/") for name in names)
     card = ModelCard(Path(sent["files"]["README.md"]).read_text())  # as uploaded: its metadata parses
     assert card.data.eval_results and card.data.pipeline_tag == "image-segmentation"
+
+    # A saved file replaced by a link (to a system file): refused, nothing sent.
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").symlink_to("/etc/passwd")
+    sent.clear()
+    with create, commit, pytest.raises(CommandError, match="tokenizer.json is a symbolic link"):
+        run_train.push_model(args)
+    assert not sent
 
 
 def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_data, tiny_clip_dir, capsys):
@@ -261,25 +285,26 @@ def test_a_push_that_cannot_work_is_refused_before_training(tmp_path, synthetic_
 def test_a_failed_push_says_where_the_model_is_and_how_to_push_it(tmp_path):
     from huggingface_hub import HfApi
 
-    from clipseg_tools.checkpoints import STAYS_LOCAL
     from clipseg_tools.errors import FAILED, CommandError
     from clipseg_tools.hub import push_folder
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "out" / "README.md").write_text("card")
 
     def unreachable(self, repo_id, **kwargs):
         raise ConnectionError("Name or service not known")
 
     with mock.patch.object(HfApi, "create_repo", unreachable), pytest.raises(CommandError) as failed:
-        push_folder(tmp_path / "out", "someone/model", local_only=STAYS_LOCAL, private=True)
+        push_folder(tmp_path / "out", "someone/model", files=["config.json", "README.md"], private=True)
     assert failed.value.exit_code == FAILED
     assert "--push_to_hub someone/model failed (ConnectionError: Name or service not known)" in str(
         failed.value
     )
-    retry = f"`hf upload someone/model {tmp_path / 'out'} --private --exclude 'checkpoints/*' "
+    retry = (
+        f"`hf upload someone/model {tmp_path / 'out'} --private --include README.md --include config.json`"
+    )
     assert f"The model in {tmp_path / 'out'} is complete; push it later with {retry}" in str(failed.value)
-    assert "--exclude 'runs/*' --exclude '.*'`" in str(failed.value)  # what files_to_push leaves out
 
 
 @pytest.mark.parametrize(
@@ -394,7 +419,7 @@ def test_checkpoints_of_the_first_state_format_still_resume_and_others_are_named
 
     class Restored:  # what `load` asks of the Accelerator once the state is checked
         def load_state(self, folder):
-            self.folder = folder
+            self.files = sorted(os.listdir(folder))
 
     # The first format: the step as `step`, the precision and image storage not recorded.
     first = {
@@ -405,12 +430,15 @@ def test_checkpoints_of_the_first_state_format_still_resume_and_others_are_named
         "model_source": "clip",
     }
     (tmp_path / "trainer_state.json").write_text(json.dumps(first))
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+        (tmp_path / name).write_bytes(b"")
     current = checkpoints.TrainerState(
         model_source="clip", backbone_dtype="bfloat16", shrink_train_images=False
     )
     accelerator = Restored()
     state = checkpoints.load(accelerator, tmp_path, current)
-    assert accelerator.folder == str(tmp_path)
+    # Accelerate sees what it loads safely; the first format's pickled schedule is left out (the step sets it).
+    assert accelerator.files == ["model.safetensors", "optimizer.bin", "random_states_0.pkl"]
     assert (state.global_step, state.consumed_batches) == (6, 30)
     assert (state.backbone_dtype, state.shrink_train_images) == ("bfloat16", False)  # on record from now on
     with pytest.raises(CommandError, match="trained from 'clip', this run starts from 'other'"):
