@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 @contextmanager
 def waits_named(args: argparse.Namespace, accelerator: Accelerator) -> Iterator[None]:
     """A process that waited --ddp_timeout for the others ends with one sentence that says so (the others may
-    be stopped, hung or still preparing data), naming its rank."""
+    be stopped, hung or still preparing data), naming the processes it waited for."""
     try:
         yield
     except (RuntimeError, torch.distributed.DistError) as error:
@@ -829,7 +829,7 @@ def finish(
         metrics = run_evaluation(args, accelerator, final_model, eval_split, processor, "final evaluation")
     except Exception as error:
         raise CommandError(
-            f"the final evaluation failed ({str(error).strip().splitlines()[-1][:300]}); the trained model is saved "
+            f"the final evaluation failed ({last_line(error)}); the trained model is saved "
             f"in {args.output_dir} without scores: score it with `python run_eval.py --model {args.output_dir}`",
             FAILED,
         ) from error
@@ -863,26 +863,25 @@ def push_model(args: argparse.Namespace) -> str:
     return url
 
 
+def last_line(error: BaseException) -> str:
+    """An error's last line (a data-loader worker's error carries the worker's whole traceback)."""
+    lines = str(error).strip().splitlines()
+    return lines[-1][:300] if lines else error.__class__.__name__
+
+
 def save_final_model(args, accelerator, model, processor, results, state) -> None:
     """Model, processor, code, card (scores follow) and results, written aside and then moved into
     --output_dir, with the list of these files (what a push uploads, what --overwrite_output_dir removes)."""
     log = {"global_step": state.global_step, "log_history": state.log_history}
     if state.setting_changes:
         log["setting_changes"] = state.setting_changes
-    try:
-        with atomic_folder(args.output_dir, merge=True) as staging:
-            model.save_pretrained(staging)
-            processor.save_pretrained(staging)
-            (staging / "all_results.json").write_text(json.dumps(results, indent=2))
-            (staging / "training_log.json").write_text(json.dumps(log, indent=2))
-            write_card(args, accelerator, staging, metrics={})
-            run_folder.record_model_files(staging, [p.name for p in staging.iterdir()])
-    except OSError as error:
-        raise CommandError(
-            f"the model could not be saved in {args.output_dir} ({error}); free space there and rerun with "
-            "--resume_from_checkpoint latest (the last checkpoint holds the trained decoder)",
-            FAILED,
-        ) from error
+    with atomic_folder(args.output_dir, merge=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "all_results.json").write_text(json.dumps(results, indent=2))
+        (staging / "training_log.json").write_text(json.dumps(log, indent=2))
+        write_card(args, accelerator, staging, metrics={})
+        run_folder.record_model_files(staging, [p.name for p in staging.iterdir()])
 
 
 def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> None:

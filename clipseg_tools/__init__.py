@@ -7,6 +7,7 @@
 - `data`: the splits a script needs, and training images stored once at the model's size;
 - `training`: the training step, the loss summed on the device between logs, the optimizer and its schedule;
 - `checkpoints`: the run's state, and the checkpoints that carry it (saved, found, resumed from);
+- `run_folder`: a run's output folder: what the run wrote there (pushed, removed on overwrite), its lock;
 - `evaluation`, `metrics`, `gallery`: scoring under both protocols, the arithmetic, the failure pictures;
 - `model_card`, `hub`, `sources`: the card, pushing to the Hub, where models come from;
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;

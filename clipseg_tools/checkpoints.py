@@ -27,8 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.utils import logging
 
-from .cli import written
-from .errors import FAILED, CommandError
+from .errors import CommandError
 from .files import move_into_place, partial_path
 
 logger = logging.get_logger(__name__)
@@ -109,18 +108,7 @@ def save(accelerator: Any, output_dir: Path, state: TrainerState, keep: int) -> 
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(staging))
-    except (OSError, RuntimeError) as error:  # torch.save says a full disk with a C++ stream error
-        if isinstance(error, RuntimeError) and not written(error):
-            raise
-        free = shutil.disk_usage(staging.parent).free
-        raise CommandError(
-            f"the checkpoint could not be written to {staging.parent} ({str(error).splitlines()[0][:200]}; "
-            f"{free:,} bytes free there): free space (or lower --checkpoints_total_limit) and resume with "
-            "--resume_from_checkpoint latest",
-            FAILED,
-        ) from error
+    accelerator.save_state(str(staging))  # a full disk: `cli.out_of_space` says so
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(state.to_json())

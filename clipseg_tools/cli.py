@@ -119,7 +119,7 @@ def _out_of_space(error: BaseException) -> str | None:
         where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
         return (
             f"the disk is full{where} ({text.splitlines()[0][:200]}): free space and run again (a training run "
-            "continues with --resume_from_checkpoint latest)"
+            "continues from its last checkpoint with --resume_from_checkpoint latest)"
         )
     return None
 

@@ -10,12 +10,13 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 from safetensors.torch import load_file
-from test_train import run_script, train_args
+from test_train import REPO_ROOT, run_script, train_args
 
 STEPS = ("--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "0")
 
@@ -257,7 +258,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_training(
         subprocess.run(undo, check=True)
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, synthetic_data, tiny_clip_dir):
+def test_a_full_disk_while_preparing_data_or_saving_a_checkpoint_is_one_sentence(
+    tmp_path, synthetic_data, tiny_clip_dir
+):
     small = tmp_path / "small"
     small.mkdir()
     if subprocess.run(
@@ -277,8 +280,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_sentence(tmp_path, synthetic_data, t
     for result in (preparing, saving):
         assert result.returncode == 1, result.stderr[-3000:]
         assert result.stderr.count("error: ") == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "the disk is full" in preparing.stderr
-    assert "the checkpoint could not be written" in saving.stderr and "bytes free there" in saving.stderr
+        assert "the disk is full" in result.stderr and "--resume_from_checkpoint latest" in result.stderr
 
 
 def test_the_model_is_saved_before_the_final_evaluation_and_outlives_its_failure(
@@ -382,3 +384,47 @@ def test_a_tracker_that_is_not_installed_is_refused_by_name(tmp_path, synthetic_
     assert (
         "--report_to wandb: the wandb package is not installed (pip install wandb)" in capsys.readouterr().err
     )
+
+
+KILL_POINTS = [
+    "half:model.safetensors@step_4",  # in the middle of each file of a checkpoint
+    "half:optimizer.bin@step_4",
+    "half:random_states_0.pkl@step_4",
+    "half:trainer_state.json@step_4",
+    "half:manifest.json@step_4",
+    "before_rename:step_4",  # around the rename that completes it
+    "after_rename:step_4",
+    "remove_old",  # halfway through removing the checkpoint before it
+    "half:model.safetensors@/.partial/",  # the final save: in the middle of a file
+    "half:all_results.json@/.partial/",
+    "merge:3",  # after 3 of its files got their place
+    "before_eval",  # saved, not yet evaluated
+    "merge:12",  # the card and results with the scores, halfway in
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_same_weights_bitwise(
+    tmp_path, synthetic_data, tiny_clip_dir, straight, point
+):
+    out = tmp_path / "out"
+    keep = ("--checkpoints_total_limit", "1") if point == "remove_old" else ()
+    argv = train_args(synthetic_data, tiny_clip_dir, out, *STEPS, *keep)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "kill_at.py"), point, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
+    )
+    assert killed.returncode == 9, f"not killed at {point}: {killed.stderr[-3000:]}"
+    result = resume(synthetic_data, tiny_clip_dir, out, *keep)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert same_weights(out, straight)
+    assert json.loads((out / "all_results.json").read_text()) == json.loads(
+        (straight / "all_results.json").read_text()
+    )
+    assert not (out / ".partial").exists() and not (out / ".run.lock").exists()
