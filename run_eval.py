@@ -32,6 +32,7 @@ from clipseg_tools.evaluation import EvaluationResult, evaluate, images_scored
 from clipseg_tools.files import removed_if_left_empty, write_text_atomically
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
+from clipseg_tools.own_data import add_source_arguments, columns_from, is_phrasecut
 from clipseg_tools.sources import load_error, model_source_problem
 
 logger = logging.get_logger(__name__)
@@ -62,8 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data = parser.add_argument_group("data (give --data_dir or --dataset_name)")
     data.add_argument("--data_dir", help="raw PhraseCut folder (prepared with the project's builder)")
     data.add_argument(
-        "--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder"
+        "--dataset_name",
+        help="a Hub dataset id or local folder (Parquet, images): the PhraseCut export, or your own referring rows",
     )
+    add_source_arguments(data.add_argument)
     data.add_argument("--split", default="test", help="the split scored")
     data.add_argument("--cache_dir", help="where prepared datasets and downloads are cached")
     data.add_argument(
@@ -196,23 +199,34 @@ def score(
 
 
 def write_report(
-    output_dir: Path, args: argparse.Namespace, summaries: dict[str, dict], num_images: int
+    output_dir: Path,
+    args: argparse.Namespace,
+    summaries: dict[str, dict],
+    num_images: int,
+    phrasecut: bool = True,
 ) -> str:
-    """`results.md` (both tables, Markdown) and `results.json`; returns the Markdown."""
+    """`results.md` (both tables, Markdown) and `results.json`; returns the Markdown. The paper's figures are
+    shown beside PhraseCut scores only (`phrasecut`); a user's own data gets the same two protocols."""
     paper_table = {name: s["clipseg_paper_protocol"] for name, s in summaries.items()}
-    paper_table.update(PAPER_ROWS)
     official_table = {name: s["official_protocol"]["all"] for name, s in summaries.items()}
+    native = "Official PhraseCut protocol" if phrasecut else "At each image's own size"
     lines = [
         f"# Evaluation on the {args.split} split ({num_images} images, "
         f"{next(iter(summaries.values()))['num_phrases']} phrases)",
         "",
         "## CLIPSeg paper protocol (whole image at the model size, raw phrases, 49 thresholds)",
         "",
-        markdown_table(paper_table, PAPER_COLUMNS),
+        markdown_table({**paper_table, **(PAPER_ROWS if phrasecut else {})}, PAPER_COLUMNS),
         "",
-        "The `paper:` rows are the CLIPSeg paper's Table 3 on the full PhraseCut test split, for reference.",
-        "",
-        f"## Official PhraseCut protocol (original resolution, threshold {args.official_threshold}), all tasks",
+        *(
+            [
+                "The `paper:` rows are the CLIPSeg paper's Table 3 on the full PhraseCut test split, for reference.",
+                "",
+            ]
+            if phrasecut
+            else []
+        ),
+        f"## {native} (original resolution, threshold {args.official_threshold}), all tasks",
         "",
         markdown_table(official_table, OFFICIAL_COLUMNS),
         "",
@@ -231,7 +245,7 @@ def write_report(
         "split": args.split,
         "num_images": num_images,
         "models": summaries,
-        "paper_reference": PAPER_ROWS,
+        "paper_reference": PAPER_ROWS if phrasecut else None,
     }
     write_text_atomically(
         output_dir / "results.json", json.dumps(without_nan(payload), indent=2, allow_nan=False)
@@ -262,9 +276,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         {"--split": args.split},
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
+        columns=columns_from(args),
     )
     num_images = images_scored(len(split), args.max_images)
 
@@ -290,7 +306,7 @@ def score_all(
             summaries[label]["gallery"] = str(folder / "index.html")
         del model
     if accelerator.is_main_process:
-        markdown = write_report(output_dir, args, summaries, num_images)
+        markdown = write_report(output_dir, args, summaries, num_images, phrasecut=is_phrasecut(split))
         print(markdown)  # the command's output; where it was written goes to the log
         gallery = f", {output_dir / 'gallery'}/ (failure pictures)" if args.gallery_max else ""
         logger.info(f"Written: {output_dir / 'results.md'}, {output_dir / 'results.json'}{gallery}")

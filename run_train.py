@@ -39,6 +39,7 @@ from clipseg_tools.evaluation import evaluate, images_scored
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
 from clipseg_tools.model_card import write_model_card
+from clipseg_tools.own_data import add_source_arguments, columns_from, is_phrasecut
 from clipseg_tools.prompts import TEMPLATES
 from clipseg_tools.sources import load_error, model_source_problem
 from clipseg_tools.training import (
@@ -128,7 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
 def add_data_arguments(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add("--data_dir", help="raw PhraseCut folder (refer_*.json, image_data_split.json, images/)")
-    add("--dataset_name", help="a prepared export instead: Hub dataset id or local Parquet folder")
+    add(
+        "--dataset_name",
+        help="a Hub dataset id or local folder (Parquet, images): the PhraseCut export, or your own referring rows "
+        "(an image, its masks and their prompts; see --image_column)",
+    )
+    add_source_arguments(add)
+    add(
+        "--validation_split_percentage",
+        type=float,
+        default=10,
+        help="when the data has no --validation_split: the share of the training split held out for it (seeded)",
+    )
     add("--train_split", default="train", help="the split trained on")
     add("--validation_split", default="validation", help="the split evaluated on (during and after training)")
     add("--cache_dir", help="where prepared datasets and downloads are cached")
@@ -328,6 +340,8 @@ def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(
             "--learning_rate and --min_learning_rate must satisfy 0 < min_learning_rate <= learning_rate"
         )
+    if not 0 < args.validation_split_percentage < 100:
+        parser.error("--validation_split_percentage must be in (0, 100)")
     if not 0 <= args.negative_prob < 1:
         parser.error("--negative_prob must be in [0, 1)")
     if not 0 <= args.decoder_dropout < 1:
@@ -624,14 +638,24 @@ def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any
 
 def load_data(args: argparse.Namespace, accelerator: Accelerator, image_size: int) -> tuple[Any, Any]:
     """The training and validation splits (the first process prepares them, the others read the cache)."""
+    notes: dict[str, str] = {}
     train_split, eval_split = load_splits(
         {"--train_split": args.train_split, "--validation_split": args.validation_split},
         data_dir=args.data_dir,
         dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
+        columns=columns_from(args),
+        hold_out=None
+        if args.data_dir
+        else ("--validation_split", args.validation_split_percentage, args.seed),
+        num_proc=args.dataloader_num_workers or None,
+        notes=notes,
     )
+    args.validation_held_out = notes.get("--validation_split")
+    args.phrasecut = is_phrasecut(train_split)
     if args.shrink_train_images:
         with accelerator.main_process_first():
             train_split = shrink_images(train_split, image_size, num_proc=args.dataloader_num_workers or None)
@@ -699,7 +723,9 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
         "***** Running training *****",
         f"  Training data: {plural(len(train_split), 'image')} with {plural(len(samples), 'phrase')} "
         f"(split {args.train_split})",
-        f"  Evaluation: {plural(eval_images, 'image')} of split {args.validation_split}, {when}",
+        f"  Evaluation: {plural(eval_images, 'image')} of split {args.validation_split}"
+        + (f" ({args.validation_held_out})" if getattr(args, "validation_held_out", None) else "")
+        + f", {when}",
         f"  Steps: {args.max_train_steps:,}, each of {plural(total, 'phrase')} "
         f"({plural(processes, 'process', 'processes')} x {args.per_device_train_batch_size} per device x "
         f"{plural(args.gradient_accumulation_steps, 'batch', 'batches')} accumulated), "
@@ -887,6 +913,8 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
 def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> None:
     """The model card, with the scores once there are some; local paths are left off it."""
     scope = f"{plural(metrics['images'], 'image')}, {plural(metrics['samples'], 'phrase')}" if metrics else ""
+    held_out = getattr(args, "validation_held_out", None)
+    scope = ", ".join(part for part in (held_out, scope) if part)
     write_model_card(
         folder,
         model_name=args.hub_model_id or Path(args.output_dir).name,
@@ -897,6 +925,7 @@ def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> No
         training_config=training_config(args, accelerator),
         notes=getattr(args, "card_notes", ""),
         eval_scope=scope,
+        phrasecut=getattr(args, "phrasecut", True),
     )
 
 

@@ -5,6 +5,7 @@
 - `loader`: the one DataLoader factory, and the default number of data-loader workers;
 - `handover`: batches from loader workers through reused shared memory;
 - `data`: the splits a script needs, and training images stored once at the model's size;
+- `own_data`, `own_synthetic`: a user's own referring rows in the project's form; synthetic rows of that shape;
 - `training`: the training step, the loss summed on the device between logs, the optimizer and its schedule;
 - `checkpoints`: the run's state, and the checkpoints that carry it (saved, found, resumed from);
 - `run_folder`: a run's output folder: what the run wrote there (pushed, removed on overwrite), its lock;

@@ -25,6 +25,7 @@ from phrasecut_dataset.masks import polygons_to_mask
 
 from .errors import CommandError
 from .loader import create_loader
+from .own_data import mask_from_png
 from .prompts import apply_template
 from .transforms import (
     decode_image,
@@ -164,10 +165,12 @@ def task_mask(task: Mapping, row: Mapping, height: int, width: int) -> np.ndarra
     """One prepared task's mask on its image (height x width), drawn the official way; unusable polygons are
     named with the task and the image."""
     try:
+        if task.get("mask"):  # a user's own data: the mask as stored (own_data)
+            return mask_from_png(task["mask"], height, width)
         return polygons_to_mask(task["polygons"], height, width)
-    except (TypeError, ValueError, KeyError) as error:
+    except (TypeError, ValueError, KeyError, OSError) as error:
         raise CommandError(
-            f"task {task.get('task_id')} of image {row.get('image_id')} has unusable polygons ({error}); prepare "
+            f"task {task.get('task_id')} of image {row.get('image_id')} has an unusable mask or polygons ({error}); prepare "
             "the data again from the raw folder"
         ) from error
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 from PIL import Image
+from transformers.utils import logging
 
 from phrasecut_dataset.builder import SPLIT_ALIASES
 
 from .errors import CommandError
+from .own_data import ReferringColumns, held_out, is_project_form, referring_to_rows
 from .sources import load_error
 from .transforms import decode_image
 
 REQUIRED_COLUMNS = ("image", "image_id", "width", "height", "tasks")
+logger = logging.get_logger(__name__)
 
 
 def canonical_split(name: str) -> str:
@@ -32,13 +36,21 @@ def load_splits(
     cache_dir: str | None = None,
     skip_bad: bool = False,
     accelerator: Any = None,
+    dataset_config_name: str | None = None,
+    columns: ReferringColumns | None = None,
+    hold_out: tuple[str, float, int] | None = None,
+    num_proc: int | None = None,
+    notes: dict[str, str] | None = None,
 ) -> list[datasets.Dataset]:
     """The splits named by `wanted` (flag -> split name, e.g. {"--split": "test"}), in its order, images left as
     bytes (a transform decodes each image once for all its phrases).
 
     `data_dir` is a raw PhraseCut folder, prepared once by the project's builder (the first process
-    prepares, the others read the cache); `dataset_name` is a prepared export (Parquet folder or Hub id).
-    A split that is missing, or rows of another form, end with one sentence naming the flags (`CommandError`).
+    prepares, the others read the cache); `dataset_name` is a Hub id or a local folder (Parquet, imagefolder):
+    the project's export, or the user's own referring rows (`columns`), converted once and cached. With
+    `hold_out` (flag, percentage, seed), that flag's split, when the data has none, is a seeded share of the
+    first split's rows, and `notes[flag]` says so. A split that is missing, or rows of another form, end with one sentence naming the
+    flags (`CommandError`).
     """
     names = {flag: canonical_split(name) for flag, name in wanted.items()}
     source = f"--data_dir {data_dir}" if data_dir else f"--dataset_name {dataset_name}"
@@ -51,34 +63,75 @@ def load_splits(
                 data_dir, cache_dir=cache_dir, splits=sorted(set(names.values())), skip_bad=skip_bad
             )
         try:
-            return datasets.load_dataset(dataset_name, cache_dir=cache_dir)
+            return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         except (OSError, ValueError) as error:
-            what = f"{source} (a folder written by `python -m phrasecut_dataset.publish`, or its Hub id)"
+            what = f"{source} (a Hub id or a local folder of Parquet files or images)"
             raise load_error(f"{what} could not be loaded", dataset_name, error, "dataset") from error
+
+    def prepared() -> tuple[dict[str, datasets.Dataset], list[str]]:
+        splits = load()
+        found = {}
+        for flag, name in names.items():
+            if name in splits:
+                where = f"the {name} split of {source}"
+                local_root = dataset_name if dataset_name and Path(dataset_name).is_dir() else None
+                found[flag] = in_project_form(splits[name], where, columns, skip_bad, num_proc, local_root)
+        return found, sorted(splits)
 
     if accelerator is not None:
         with accelerator.main_process_first():
-            splits = load()
+            found, available = prepared()
     else:
-        splits = load()
+        found, available = prepared()
 
+    if hold_out and hold_out[0] not in found:
+        first = next(iter(names))
+        if first in found:
+            flag, percentage, seed = hold_out
+            found[first], found[flag] = held_out(found[first], percentage, seed)
+            said = f"{percentage:g}% of {names[first]!r} held out ({len(found[flag]):,} images, seed {seed})"
+            logger.info(f"{source} has no {names[flag]!r} split: {said} (--validation_split_percentage)")
+            if notes is not None:
+                notes[flag] = said
     loaded = []
     for flag, name in names.items():
-        if name not in splits:
+        if flag not in found:
             raise CommandError(
-                f"{flag} {wanted[flag]!r}: {source} has no prepared split {name!r} (it has {sorted(splits)}); "
-                "prepare it, or pick one of those"
+                f"{flag} {wanted[flag]!r}: {source} has no prepared split {name!r} (it has {available}); prepare "
+                "it, or pick one of those"
             )
-        missing = [column for column in REQUIRED_COLUMNS if column not in splits[name].column_names]
-        if missing:
-            raise CommandError(
-                f"the {name} split of {source} lacks the columns {missing}: it is not in the project's PhraseCut "
-                "form (one row per image with its tasks)"
-            )
-        split = splits[name].cast_column("image", datasets.Image(decode=False))
+        split = found[flag].cast_column("image", datasets.Image(decode=False))
         check_embedded_images(split, name, source)
         loaded.append(split)
     return loaded
+
+
+def in_project_form(
+    split: datasets.Dataset,
+    where: str,
+    columns: ReferringColumns | None,
+    skip_bad: bool,
+    num_proc: int | None,
+    local_root: str | None = None,
+) -> datasets.Dataset:
+    """The split as the project's rows: as it is when it has them, else converted from referring rows."""
+    if is_project_form(split):
+        missing = [column for column in REQUIRED_COLUMNS if column not in split.column_names]
+        if missing:
+            raise CommandError(
+                f"{where} lacks the columns {missing}: it is not in the project's form (one row per image with its "
+                "tasks)"
+            )
+        return split
+    converted, skipped = referring_to_rows(
+        split, columns or ReferringColumns(), where, skip_bad, num_proc, local_root
+    )
+    tasks = sum(len(t) for t in converted.data.column("tasks").to_pylist())
+    logger.info(
+        f"{where}: {len(converted):,} images with {tasks:,} prompts"
+        + (f", {skipped:,} bad rows skipped (--skip_bad_samples)" if skipped else "")
+    )
+    return converted
 
 
 def check_embedded_images(split: datasets.Dataset, name: str, source: str) -> None:

@@ -22,8 +22,7 @@ ATTRIBUTION = """\
 
 - Model: CLIPSeg, T. Lüddecke and A. Ecker, "Image Segmentation Using Text and Image Prompts", CVPR 2022
   (arXiv:2112.10003).
-- Data: PhraseCut, C. Wu, Z. Lin, S. Cohen, T. Bui and S. Maji, "PhraseCut: Language-based Image Segmentation
-  in the Wild", CVPR 2020, built on Visual Genome (annotations CC BY 4.0; images under their own terms).
+- Data: {data}
 - Starting weights: {base_model}. The `CIDAS/clipseg-*` weights were released by the CLIPSeg authors for
   research use; the MIT licence of the code does not cover them.
 """
@@ -33,6 +32,10 @@ ATTRIBUTION = """\
 LOCAL_PLACES = ("output_dir", "cache_dir", "resume_from_checkpoint", "hub_token", "card_notes")
 # Flags that name a model or data set: a Hub id stays, a local folder is shown by its own name only.
 SOURCES = ("model_name_or_path", "clip_model_name_or_path", "data_dir", "dataset_name")
+
+
+PHRASECUT = """PhraseCut, C. Wu, Z. Lin, S. Cohen, T. Bui and S. Maji, "PhraseCut: Language-based Image \
+Segmentation in the Wild", CVPR 2020, built on Visual Genome (annotations CC BY 4.0; images under their own terms)."""
 
 
 def public_name(source: str | None) -> str | None:
@@ -79,6 +82,7 @@ def write_model_card(
     training_config: dict[str, Any],
     notes: str = "",
     eval_scope: str = "",
+    phrasecut: bool = True,
 ) -> Path:
     """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution.
 
@@ -136,7 +140,7 @@ maps = model.predict(Image.open("photo.jpg"), ["a red car", "the sky"], processo
 {config_json}
 ```
 
-{ATTRIBUTION.format(base_model=base_model)}"""
+{ATTRIBUTION.format(base_model=base_model, data=PHRASECUT if phrasecut else f"{dataset_name} (see its own card)")}"""
     path = Path(output_dir) / "README.md"
     ModelCard(content).save(path)
     return path

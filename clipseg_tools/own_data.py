@@ -1,0 +1,264 @@
+"""A user's own segmentation data in the project's one-row-per-image form, so that training and evaluation
+treat it as they treat PhraseCut (one vision pass per image for all its prompts, negatives, PC+ example
+images, exact resume, several processes).
+
+Referring rows: an image column, a mask column (a binary `Image`, or a list of them) and a prompt column (a
+string per mask, or a list of strings per mask: each becomes a task with that mask). Each mask is stored as a
+1-bit PNG beside the image (`mask` of a task; PhraseCut's tasks carry polygons instead). The conversion runs
+once with `datasets.map` over several processes and is cached by `datasets` like any map.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from PIL import Image
+
+from .errors import CommandError
+
+_POINT = datasets.List(datasets.Value("float64"), length=2)
+# The project's row form, as run_train.py and run_eval.py read it (PhraseCut's rows carry more fields).
+ROW_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(decode=False),
+        "image_id": datasets.Value("int64"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "tasks": datasets.List(
+            {
+                "task_id": datasets.Value("string"),
+                "phrase": datasets.Value("string"),
+                "polygons": datasets.List(datasets.List(datasets.List(_POINT))),
+                "instance_boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
+                "mask": datasets.Value("binary"),  # a 1-bit PNG at the image's size
+            }
+        ),
+    }
+)
+
+
+@dataclass(frozen=True)
+class ReferringColumns:
+    """Where a referring data set keeps its images, masks and prompts (`--image_column`, ...)."""
+
+    image: str = "image"
+    mask: str = "mask"
+    prompt: str = "prompt"
+
+    def mask_flag(self) -> str:
+        return f"--mask_column {self.mask}"
+
+    def flags(self) -> dict[str, str]:
+        return {"--image_column": self.image, "--mask_column": self.mask, "--prompt_column": self.prompt}
+
+
+def add_source_arguments(add: Any) -> None:
+    """The flags that say where a user's own data keeps what (run_train.py and run_eval.py alike)."""
+    add("--dataset_config_name", help="the configuration of --dataset_name, if it has several")
+    add("--image_column", default="image", help="your own data: the image column")
+    add(
+        "--mask_column", default="mask", help="your own data: a binary mask image, or a list of them, per row"
+    )
+    add("--prompt_column", default="prompt", help="your own data: per mask a prompt, or a list of prompts")
+
+
+def columns_from(args: Any) -> ReferringColumns:
+    return ReferringColumns(args.image_column, args.mask_column, args.prompt_column)
+
+
+class BadRow(CommandError):
+    """A source row that cannot be converted, named; skippable with --skip_bad_samples."""
+
+
+def _undecoded(feature: Any, flag: str, where: str) -> Any:
+    """The mask column's type with its images left encoded: an Image, or a list of them."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, datasets.List | datasets.Sequence | list) and isinstance(inner, datasets.Image):
+        return datasets.List(datasets.Image(decode=False))
+    raise CommandError(
+        f"{where}: the {flag} column holds {feature}, not images: give a column of binary mask images (or lists "
+        "of them)"
+    )
+
+
+def is_phrasecut(split: datasets.Dataset) -> bool:
+    """PhraseCut's rows (raw folder or export) carry each phrase's structure; a user's converted rows do not."""
+    tasks = split.features["tasks"]
+    return "phrase_structure" in getattr(tasks, "feature", tasks[0] if isinstance(tasks, list) else {})
+
+
+def is_project_form(split: datasets.Dataset) -> bool:
+    return {"image", "width", "height", "tasks"} <= set(split.column_names)
+
+
+def check_columns(split: datasets.Dataset, columns: ReferringColumns, where: str) -> None:
+    """Every column the conversion reads is there: one sentence naming the missing one and its flag."""
+    for flag, name in columns.flags().items():
+        if name not in split.column_names:
+            raise CommandError(
+                f"{where} has no column {name!r} (it has {split.column_names}): name the right one with {flag}"
+            )
+
+
+def referring_to_rows(
+    split: datasets.Dataset,
+    columns: ReferringColumns,
+    where: str,
+    skip_bad: bool = False,
+    num_proc: int | None = None,
+    local_root: str | None = None,
+) -> tuple[datasets.Dataset, int]:
+    """`split` converted to the project's rows; returns them and the number of source rows skipped (with
+    `skip_bad`; without it the first bad row ends the conversion with a sentence naming it). Cells that name
+    a file instead of holding bytes (an imagefolder) are read only inside `local_root`, the data set's folder."""
+    check_columns(split, columns, where)
+    source = split.cast_column(columns.image, datasets.Image(decode=False))
+    source = source.cast_column(
+        columns.mask, _undecoded(source.features[columns.mask], columns.mask_flag(), where)
+    )
+    converted = source.map(
+        _convert_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=source.column_names,
+        features=ROW_FEATURES,
+        fn_kwargs={"columns": columns, "where": where, "skip_bad": skip_bad, "local_root": local_root},
+        num_proc=num_proc,
+        desc=f"converting {where} to one row per image",
+    )
+    skipped = len(split) - len(converted)
+    return converted, skipped
+
+
+def _convert_batch(
+    batch: dict,
+    indices: list[int],
+    columns: ReferringColumns,
+    where: str,
+    skip_bad: bool,
+    local_root: str | None,
+) -> dict:
+    rows = []
+    for i, index in enumerate(indices):
+        cells = (batch[columns.image][i], batch[columns.mask][i], batch[columns.prompt][i])
+        try:
+            rows.append(convert_row(*cells, index, local_root))
+        except BadRow as error:
+            if not skip_bad:
+                raise CommandError(
+                    f"{where}, row {index}: {error}; pass --skip_bad_samples to skip such rows"
+                ) from None
+    return {key: [row[key] for row in rows] for key in ROW_FEATURES}
+
+
+def convert_row(
+    image_cell: Any, mask_cells: Any, prompts: Any, index: int, local_root: str | None = None
+) -> dict:
+    """One source row: its image (bytes kept as they are), and one task per (mask, prompt)."""
+    data, (width, height) = _image_bytes(_encoded(image_cell, "image", local_root))
+    masks = mask_cells if isinstance(mask_cells, list) else [mask_cells]
+    per_mask = prompts if isinstance(mask_cells, list) else [prompts]
+    if not isinstance(per_mask, list) or len(per_mask) != len(masks):
+        raise BadRow(
+            f"{len(masks)} mask(s) but prompts {prompts!r}: give one prompt, or a list of them, per mask"
+        )
+    tasks = []
+    for m, (mask_cell, mask_prompts) in enumerate(zip(masks, per_mask, strict=True)):
+        mask = _mask_png(_encoded(mask_cell, f"mask {m}", local_root), width, height, m)
+        for p, prompt in enumerate(mask_prompts if isinstance(mask_prompts, list) else [mask_prompts]):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise BadRow(f"mask {m} has an empty or non-text prompt {prompt!r}")
+            tasks.append(
+                {
+                    "task_id": f"{index}_{m}_{p}",
+                    "phrase": prompt.strip(),
+                    "polygons": [],
+                    "instance_boxes": [],
+                    "mask": mask,
+                }
+            )
+    return {
+        "image": {"bytes": data, "path": None},
+        "image_id": index,
+        "width": width,
+        "height": height,
+        "tasks": tasks,
+    }
+
+
+def _encoded(cell: Any, what: str, local_root: str | None) -> bytes:
+    """The encoded bytes of an `Image(decode=False)` cell. A cell that names a file is read only when the file
+    lies in the data set's own local folder: data must not make the trainer read its machine's other files."""
+    if isinstance(cell, dict) and cell.get("bytes"):
+        return cell["bytes"]
+    path = Path(cell["path"]).resolve() if isinstance(cell, dict) and cell.get("path") else None
+    if path is None:
+        raise BadRow(f"the {what} cell holds no image")
+    if local_root is None or not path.is_relative_to(Path(local_root).resolve()):
+        raise BadRow(
+            f"the {what} cell names the file {path} instead of holding its bytes, outside the data set's folder"
+        )
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise BadRow(f"the {what} file {path} cannot be read ({error})") from error
+
+
+def _image_bytes(data: bytes) -> tuple[bytes, tuple[int, int]]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size  # before the draft, which decodes at 1/8 scale (still reading every byte)
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()  # every byte read: a truncated file is found here, not in training
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadRow(f"the image does not decode ({error})") from error
+    return data, size
+
+
+def _mask_png(data: bytes, width: int, height: int, m: int) -> bytes:
+    """A mask as a 1-bit PNG, checked: the image's size, two values (0 and one other), not empty."""
+    try:
+        with Image.open(io.BytesIO(data)) as mask:
+            values = np.asarray(mask.convert("L"))
+    except (OSError, ValueError, SyntaxError) as error:
+        raise BadRow(f"mask {m} does not decode ({error})") from error
+    if values.shape != (height, width):
+        raise BadRow(
+            f"mask {m} is {values.shape[1]}x{values.shape[0]}, its image {width}x{height}: they must match"
+        )
+    levels = np.unique(values)
+    if len(levels) > 2 or levels[0] != 0:
+        shown = ", ".join(str(v) for v in levels[:5])
+        raise BadRow(
+            f"mask {m} is not binary (values {shown}{', ...' if len(levels) > 5 else ''}): 0 and one other"
+        )
+    if len(levels) == 1:
+        raise BadRow(f"mask {m} is empty (no pixel of the region)")
+    encoded = io.BytesIO()
+    Image.fromarray(values > 0).save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def mask_from_png(data: bytes, height: int, width: int) -> np.ndarray:
+    """A task's stored mask as bool [height, width] (nearest-neighbour if the image was stored smaller)."""
+    with Image.open(io.BytesIO(data)) as mask:
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.NEAREST)
+        return np.asarray(mask.convert("1"), dtype=bool)
+
+
+def held_out(
+    split: datasets.Dataset, percentage: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A seeded share of `split` as validation (`--validation_split_percentage`), the rest for training."""
+    if not 0 < percentage < 100:
+        raise CommandError(f"--validation_split_percentage must be in (0, 100), got {percentage:g}")
+    parts = split.train_test_split(test_size=percentage / 100, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]

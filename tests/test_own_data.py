@@ -1,0 +1,151 @@
+"""A user's own referring rows (image, binary masks, prompts): converted once to the project's rows, trained on
+and scored like PhraseCut, bad rows named or skipped."""
+
+import io
+import json
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import run_script, train_args
+
+from clipseg_tools.errors import CommandError
+from clipseg_tools.own_data import ReferringColumns, referring_to_rows
+
+
+@pytest.fixture(scope="module")
+def referring_folder(tmp_path_factory):
+    """The synthetic referring data as a user would have it: a Parquet folder, train and test, no validation."""
+    from clipseg_tools.own_synthetic import write_referring
+
+    return write_referring(tmp_path_factory.mktemp("own") / "my_data", {"train": 24, "test": 6}, seed=5)
+
+
+def png(array: np.ndarray, mode: str | None = None) -> dict:
+    encoded = io.BytesIO()
+    Image.fromarray(array, mode).save(encoded, format="PNG")
+    return {"bytes": encoded.getvalue(), "path": None}
+
+
+def one_row_split(image, masks, prompts) -> datasets.Dataset:
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "mask": datasets.List(datasets.Image()),
+            "prompt": datasets.List(datasets.List(datasets.Value("string"))),
+        }
+    )
+    return datasets.Dataset.from_dict(
+        {"image": [image], "mask": [masks], "prompt": [prompts]}, features=features
+    )
+
+
+def test_referring_rows_become_one_row_per_image_with_a_task_per_prompt(referring_folder):
+    from clipseg_tools.batching import PhraseIndex, task_mask
+    from clipseg_tools.data import load_splits
+
+    source = datasets.load_dataset(str(referring_folder))["test"]
+    (rows,) = load_splits({"--split": "test"}, dataset_name=str(referring_folder))
+    assert len(rows) == len(source)
+    first, given = rows[0], source[0]
+    assert len(first["tasks"]) == 2 * len(given["mask"])  # two wordings per mask
+    assert [t["phrase"] for t in first["tasks"][:2]] == given["prompt"][0]
+    for k, mask in enumerate(given["mask"]):
+        expected = np.asarray(mask.convert("L")) > 0
+        assert (task_mask(first["tasks"][2 * k], first, first["height"], first["width"]) == expected).all()
+    assert len(PhraseIndex.from_dataset(rows)) == sum(len(t) for t in rows["tasks"])
+
+
+def test_training_and_evaluation_on_your_own_data(tmp_path, referring_folder, tiny_clip_dir):
+    out = tmp_path / "out"
+    argv = train_args(referring_folder, tiny_clip_dir, out, "--max_train_steps", "3")
+    argv[argv.index("--data_dir")] = "--dataset_name"
+    result = run_script(argv)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "has no 'validation' split: 10% of 'train' held out (3 images, seed 42)" in result.stdout
+    card = (out / "README.md").read_text()
+    assert "10% of 'train' held out" in card and "my_data (see its own card)" in card
+    assert "PhraseCut: Language-based" not in card
+    assert json.loads((out / "all_results.json").read_text())["eval_samples"] > 0
+
+    import run_eval
+
+    summaries = run_eval.main(
+        ["--model", str(out), "--dataset_name", str(referring_folder), "--split", "test", "--output_dir",
+         str(tmp_path / "eval"), "--num_workers", "0", "--gallery_max", "0"]
+    )  # fmt: skip
+    (summary,) = summaries.values()
+    assert summary["num_phrases"] == sum(
+        2 * len(m) for m in datasets.load_dataset(str(referring_folder))["test"]["mask"]
+    )
+    report = (tmp_path / "eval" / "results.md").read_text()
+    assert "At each image's own size" in report and "paper:" not in report
+
+
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (lambda img, m, p: (img, [m[0][:, :-1]], p), "mask 0 is 39x30, its image 40x30: they must match"),
+        (lambda img, m, p: (img, [m[0].astype(np.uint8) * 7 + 1], p), "mask 0 is not binary"),
+        (lambda img, m, p: (img, [np.zeros_like(m[0])], p), "mask 0 is empty"),
+        (lambda img, m, p: (img, m, [["  "]]), "mask 0 has an empty or non-text prompt"),
+        (lambda img, m, p: (img, m + m, p), "2 mask(s) but prompts"),
+    ],
+)
+def test_a_bad_row_is_named_or_skipped_and_counted(change, said):
+    image = np.full((30, 40, 3), 120, dtype=np.uint8)
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:15, 10:20] = 255
+    picture, masks, prompts = change(image, [mask], [["a square"]])
+    split = one_row_split(png(picture), [png(m) for m in masks], prompts)
+    with pytest.raises(CommandError, match="row 0: " + said.replace("(", r"\(").replace(")", r"\)")) as error:
+        referring_to_rows(split, ReferringColumns(), "my split")
+    assert "--skip_bad_samples" in str(error.value)
+    converted, skipped = referring_to_rows(split, ReferringColumns(), "my split", skip_bad=True)
+    assert (len(converted), skipped) == (0, 1)
+
+
+def test_a_missing_column_or_a_file_outside_the_data_is_refused_by_name(tmp_path):
+    image = np.full((30, 40, 3), 120, dtype=np.uint8)
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:15, 10:20] = 255
+    split = one_row_split(png(image), [png(mask)], [["a square"]])
+    with pytest.raises(CommandError, match="has no column 'segmentation'.*--mask_column"):
+        referring_to_rows(split, ReferringColumns(mask="segmentation"), "my split")
+
+    # An image cell that names a file instead of holding bytes: read inside the data's folder, never outside.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(image).save(folder / "a.png")
+    elsewhere = tmp_path / "secret.png"
+    Image.fromarray(image).save(elsewhere)
+    for path, ok in ((folder / "a.png", True), (elsewhere, False)):
+        named = datasets.Dataset.from_dict(
+            {
+                "image": [{"bytes": None, "path": str(path)}],
+                "mask": [[png(mask)]],
+                "prompt": [[["a square"]]],
+            },
+            features=split.features,
+        )
+        if ok:
+            converted, _ = referring_to_rows(named, ReferringColumns(), "my split", local_root=str(folder))
+            assert converted[0]["image"]["bytes"] == path.read_bytes()
+        else:
+            with pytest.raises(CommandError, match="outside the data set's folder"):
+                referring_to_rows(named, ReferringColumns(), "my split", local_root=str(folder))
+
+
+def test_training_images_shrunk_keep_their_masks(referring_folder):
+    from clipseg_tools.batching import task_mask
+    from clipseg_tools.data import load_splits, shrink_row
+
+    (rows,) = load_splits({"--split": "test"}, dataset_name=str(referring_folder))
+    row = rows[0]
+    small = shrink_row(row, short_side=64)
+    assert min(small["width"], small["height"]) == 64
+    full = task_mask(row["tasks"][0], row, row["height"], row["width"])
+    shrunk = task_mask(small["tasks"][0], small, small["height"], small["width"])
+    expected = np.asarray(Image.fromarray(full).resize((small["width"], small["height"]), Image.NEAREST))
+    assert (shrunk == expected).all()
