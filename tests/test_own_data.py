@@ -149,3 +149,24 @@ def test_training_images_shrunk_keep_their_masks(referring_folder):
     shrunk = task_mask(small["tasks"][0], small, small["height"], small["width"])
     expected = np.asarray(Image.fromarray(full).resize((small["width"], small["height"]), Image.NEAREST))
     assert (shrunk == expected).all()
+
+
+def test_two_processes_train_on_your_own_data_and_score_each_prompt_once(
+    tmp_path, referring_folder, tiny_clip_dir
+):
+    from test_train import two_process_launcher
+
+    out = tmp_path / "ddp"
+    argv = train_args(
+        referring_folder, tiny_clip_dir, out, "--max_train_steps", "4", "--dataloader_num_workers", "1"
+    )
+    argv[argv.index("--data_dir")] = "--dataset_name"
+    result = run_script(argv, launcher=two_process_launcher(29531))
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert len(set(results["decoder_checksum_per_process"])) == 1
+    # The held-out share is the same on both processes: every prompt of it scored once.
+    train = datasets.load_dataset(str(referring_folder))["train"]
+    held = train.train_test_split(test_size=0.1, seed=42)["test"]
+    assert results["eval_samples"] == sum(2 * len(masks) for masks in held["mask"])
