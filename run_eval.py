@@ -52,7 +52,17 @@ PAPER_COLUMNS = [
     "fgiou_best",
     "fgiou_best_threshold",
 ]
-OFFICIAL_COLUMNS = ["count", "mean_iou", "cum_iou", "pr_0.5", "pr_0.6", "pr_0.7", "pr_0.8", "pr_0.9"]
+OFFICIAL_COLUMNS = [
+    "count",
+    "mean_iou",
+    "mean_dice",
+    "cum_iou",
+    "pr_0.5",
+    "pr_0.6",
+    "pr_0.7",
+    "pr_0.8",
+    "pr_0.9",
+]
 STOCK_PREFIX = "transformers:"
 
 

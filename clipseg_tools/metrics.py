@@ -429,9 +429,12 @@ def _official_scores(
     safe_unions = np.maximum(unions, 1)  # only matters where I = 0, whose IoU is 0 anyway
     ious = np.where(intersections > 0, intersections / safe_unions, 0.0)
     total_union = unions.sum()
+    # Dice (F1) per task: 2I / (|prediction| + |truth|), and |prediction| + |truth| = I + U.
+    dice = np.where(intersections > 0, 2 * intersections / np.maximum(intersections + unions, 1), 0.0)
     scores: dict[str, float | int] = {
         "count": int(len(ious)),
         "mean_iou": float(ious.mean()),
+        "mean_dice": float(dice.mean()),
         "cum_iou": float(intersections.sum() / total_union) if total_union > 0 else float("nan"),
     }
     for level in iou_thresholds:
@@ -454,8 +457,9 @@ def official_phrasecut_metrics(
         iou_thresholds: IoU levels for the precision columns.
 
     Returns:
-        `{subset: {"count", "mean_iou", "cum_iou", "pr_0.5", ..., "pr_0.9"}}`, "all" first, then
-        the subsets in order of first appearance. IoU of a task is I / U, 0 when I = 0; `pr_t` is
+        `{subset: {"count", "mean_iou", "mean_dice", "cum_iou", "pr_0.5", ..., "pr_0.9"}}`, "all" first,
+        then the subsets in order of first appearance. IoU of a task is I / U, 0 when I = 0, its Dice
+        2I / (I + U) (the official evaluator reports no Dice; segmentation users ask for it); `pr_t` is
         the fraction of the subset's tasks with IoU > t; `cum_iou` is nan if every union is empty.
     """
     intersections = np.asarray(torch.as_tensor(intersections).cpu(), dtype=np.float64).reshape(-1)

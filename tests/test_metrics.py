@@ -343,10 +343,13 @@ def test_official_metrics_by_hand_with_subsets():
     assert overall["count"] == 4
     assert overall["mean_iou"] == pytest.approx((0.5 + 0.9 + 0 + 0.75) / 4)
     assert overall["cum_iou"] == pytest.approx(14 / 23)
+    # Dice = 2I / (I + U) per task (= 2 IoU / (1 + IoU)): 4/6, 18/19, 0, 6/7.
+    assert overall["mean_dice"] == pytest.approx((4 / 6 + 18 / 19 + 0 + 6 / 7) / 4)
     # Strictly greater: the task at exactly 0.5 does not count at 0.5, nor 0.9 at 0.9.
     assert [overall[f"pr_{t}"] for t in (0.5, 0.6, 0.7, 0.8, 0.9)] == [0.5, 0.5, 0.5, 0.25, 0.0]
     assert results["c20"] == pytest.approx(
-        {"count": 2, "mean_iou": 0.7, "cum_iou": 11 / 14, "pr_0.5": 0.5, "pr_0.6": 0.5}
+        {"count": 2, "mean_iou": 0.7, "mean_dice": (4 / 6 + 18 / 19) / 2, "cum_iou": 11 / 14, "pr_0.5": 0.5}
+        | {"pr_0.6": 0.5}
         | {"pr_0.7": 0.5, "pr_0.8": 0.5, "pr_0.9": 0.0}
     )
     assert results["i_single"]["count"] == 2
@@ -356,7 +359,7 @@ def test_official_metrics_by_hand_with_subsets():
 
 def test_official_metrics_empty_unions_and_bad_input():
     results = official_phrasecut_metrics([0, 0], [0, 0])
-    assert results["all"]["mean_iou"] == 0.0  # I = 0 scores 0, no division
+    assert results["all"]["mean_iou"] == results["all"]["mean_dice"] == 0.0  # I = 0 scores 0, no division
     assert math.isnan(results["all"]["cum_iou"])
     with pytest.raises(ValueError, match="empty"):
         official_phrasecut_metrics([], [])
