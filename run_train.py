@@ -81,6 +81,8 @@ POSITIVE_FLAGS = (
     "per_device_eval_batch_size",
     "ddp_timeout",
 )
+# What `args` carries beside the flags (a secret, and what the data turned out to be): not the configuration.
+NOT_FLAGS = ("hub_token", "card_notes", "phrasecut", "validation_held_out")
 # The recipe's settings, recorded in every checkpoint: a resume that changes one applies it from there on,
 # says so and records it (those that must not change are `checkpoints.MUST_MATCH`).
 RESUMABLE_SETTINGS = (
@@ -694,7 +696,7 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
 
 
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k not in ("hub_token", "card_notes")}
+    config = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
     config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
     config["total_batch_size"] = (
         args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
