@@ -332,6 +332,7 @@ class ClipSegCustomModel(PreTrainedModel):
         visual_index: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> ClipSegCustomOutput:
         r"""Segment P prompts in I images.
@@ -348,6 +349,8 @@ class ClipSegCustomModel(PreTrainedModel):
                 paper's PC+ training); the others are their phrase alone.
             image_index: `[P]` which image each prompt belongs to; default: prompt p belongs to image p.
             labels: `[P, H, W]` target masks in [0, 1]; gives the loss.
+            loss_mask: `[P, H, W]` bool, the pixels the loss counts (a data set's ignore regions are False);
+                default: all of them.
         """
         if kwargs:
             raise TypeError(f"ClipSegCustomModel.forward got unexpected arguments: {sorted(kwargs)}")
@@ -374,7 +377,7 @@ class ClipSegCustomModel(PreTrainedModel):
             conditional_embeddings = conditional_embeddings.to(self.decoder_dtype)
         # Step 3: the decoder, once per prompt, and the loss.
         grid = self.token_grid(pixel_values)
-        logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels)
+        logits, loss = self._decode(activations, conditional_embeddings, image_index, grid, labels, loss_mask)
         return ClipSegCustomOutput(loss=loss, logits=logits, conditional_embeddings=conditional_embeddings)
 
     def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -429,14 +432,26 @@ class ClipSegCustomModel(PreTrainedModel):
         image_index: torch.Tensor | None,
         grid: tuple[int, int],
         labels: torch.Tensor | None,
+        loss_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The trainable part, one unit for `compile_decoder`: logits `[P, H, W]` and the loss."""
+        """The trainable part, one unit for `compile_decoder`: logits `[P, H, W]` and the loss (the mean over
+        the pixels `loss_mask` keeps, when given)."""
         logits = self.decoder(activations, conditional_embeddings, image_index, grid)
         if labels is None:
             return logits, None
         if labels.shape != logits.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)}, the logits {tuple(logits.shape)}")
-        return logits, F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if loss_mask is None:
+            return logits, F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        if loss_mask.shape != logits.shape:
+            raise ValueError(
+                f"loss_mask has shape {tuple(loss_mask.shape)}, the logits {tuple(logits.shape)}"
+            )
+        weight = loss_mask.to(logits.dtype)
+        per_pixel = F.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), weight, reduction="sum"
+        )
+        return logits, per_pixel / weight.sum().clamp_min(1.0)
 
     def _conditional_embeddings(
         self,

@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 from transformers.utils import logging
 
+from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_confusion, class_names, mean_iou_scores
 from clipseg_tools.cli import ArgumentParser, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits
 from clipseg_tools.errors import CommandError
@@ -32,7 +33,12 @@ from clipseg_tools.evaluation import EvaluationResult, evaluate, images_scored
 from clipseg_tools.files import removed_if_left_empty, write_text_atomically
 from clipseg_tools.gallery import write_gallery
 from clipseg_tools.metrics import OFFICIAL_THRESHOLD, markdown_table
-from clipseg_tools.own_data import add_source_arguments, columns_from, is_phrasecut
+from clipseg_tools.own_data import (
+    add_source_arguments,
+    check_class_prompt_template,
+    columns_from,
+    is_phrasecut,
+)
 from clipseg_tools.sources import load_error, model_source_problem
 
 logger = logging.get_logger(__name__)
@@ -118,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
+    try:
+        check_class_prompt_template(args.class_prompt_template)
+    except CommandError as error:
+        parser.error(str(error))
     if args.max_images < 0:
         parser.error("--max_images must not be negative")
     if not 0 < args.official_threshold < 1:
@@ -208,6 +218,53 @@ def score(
         raise CommandError(f"{label}: {error}") from error
 
 
+def score_class_maps(
+    model: Any, processor: Any, split: Any, args: argparse.Namespace, accelerator: Accelerator, label: str
+) -> dict[str, Any]:
+    """The multi-class map's scores (`evaluate`'s `mean_iou` names) on the same images."""
+    names = class_names(split)
+    confusion = class_map_confusion(
+        model,
+        split,
+        processor.tokenizer,
+        accelerator,
+        [args.class_prompt_template.format(name) for name in names],
+        args.official_threshold,
+        range(images_scored(len(split), args.max_images)),
+        batch_size=args.batch_size,
+        mixed_precision=args.bf16,
+        description=f"{label} (multi-class maps)",
+    )
+    return mean_iou_scores(confusion, names)
+
+
+def class_map_lines(args: argparse.Namespace, summaries: dict[str, dict]) -> list[str]:
+    """The report's multi-class section: the three scores per model, then IoU and accuracy per class."""
+    maps = {name: s["class_map"] for name, s in summaries.items() if "class_map" in s}
+    if not maps:
+        return []
+    classes = list(next(iter(maps.values()))["per_category_iou"])
+    per_class = {
+        cls: {
+            f"{name} {what}": scores[f"per_category_{what}"][cls]
+            for name, scores in maps.items()
+            for what in ("iou", "accuracy")
+        }
+        for cls in classes
+    }
+    return [
+        f"## Multi-class map (argmax over the {len(classes)} class prompts at each image's own size, no class "
+        f"where none passes {args.official_threshold}); `evaluate`'s mean_iou definitions",
+        "",
+        markdown_table({name: scores for name, scores in maps.items()}, list(CLASS_MAP_METRICS)),
+        "",
+        "### Per class",
+        "",
+        markdown_table(per_class, row_label="class"),
+        "",
+    ]
+
+
 def write_report(
     output_dir: Path,
     args: argparse.Namespace,
@@ -248,6 +305,7 @@ def write_report(
             markdown_table(s["official_protocol"], OFFICIAL_COLUMNS, row_label="subset"),
             "",
         ]
+    lines += class_map_lines(args, summaries)
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / "results.md", markdown)
@@ -290,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
-        columns=columns_from(args),
+        source_options=columns_from(args),
     )
     num_images = images_scored(len(split), args.max_images)
 
@@ -309,6 +367,10 @@ def score_all(
         model, processor = load_model(spec, accelerator.device)
         result = score(model, processor, split, args, accelerator, label)
         summaries[label] = result.summary()
+        if class_names(split):
+            summaries[label]["class_map"] = score_class_maps(
+                model, processor, split, args, accelerator, label
+            )
         if accelerator.is_main_process and args.gallery_max:
             folder = write_gallery(
                 output_dir / "gallery" / label, model, processor, split, result, limit=args.gallery_max

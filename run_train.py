@@ -32,14 +32,22 @@ from transformers.utils import logging
 
 from clipseg_tools import checkpoints, run_folder
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
+from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_confusion, class_names, mean_iou_scores
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits, shrink_images
 from clipseg_tools.errors import FAILED, CommandError
 from clipseg_tools.evaluation import evaluate, images_scored
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
 from clipseg_tools.hub import hub_access_problem, push_folder
+from clipseg_tools.metrics import OFFICIAL_THRESHOLD
 from clipseg_tools.model_card import write_model_card
-from clipseg_tools.own_data import add_source_arguments, columns_from, is_phrasecut
+from clipseg_tools.own_data import (
+    add_source_arguments,
+    check_class_prompt_template,
+    columns_from,
+    has_ignore_regions,
+    is_phrasecut,
+)
 from clipseg_tools.prompts import TEMPLATES
 from clipseg_tools.sources import load_error, model_source_problem
 from clipseg_tools.training import (
@@ -321,6 +329,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        check_class_prompt_template(args.class_prompt_template)
+    except CommandError as error:
+        parser.error(str(error))
     for flag in POSITIVE_FLAGS:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
@@ -649,7 +661,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator, image_size: in
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad_samples,
         accelerator=accelerator,
-        columns=columns_from(args),
+        source_options=columns_from(args),
         hold_out=None
         if args.data_dir
         else ("--validation_split", args.validation_split_percentage, args.seed),
@@ -675,6 +687,7 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
         visual_prompts=args.mix_visual_prompts,
         mix_text_min=args.mix_text_min,
         mix_text_max=args.mix_text_max,
+        ignore_regions=has_ignore_regions(split),
         seed=args.seed,
     )
     samples = TrainingSamples(split, PhraseIndex.from_dataset(split), options)
@@ -814,9 +827,11 @@ def after_step(args, accelerator, model, optimizer, progress, tally, state, eval
 
 def run_evaluation(args, accelerator, model, split, processor, description: str) -> dict[str, float]:
     """Both protocols on the first --max_eval_images images, float32 (a low-precision training copy of CLIP is
-    swapped for the starting float32 one), every phrase counted once."""
+    swapped for the starting float32 one), every phrase counted once; on semantic (and COCO) data the
+    multi-class map's scores too (`class_map_` metrics)."""
+    model = float32_model(args, accelerator, model)
     result = evaluate(
-        float32_model(args, accelerator, model),
+        model,
         split,
         processor.tokenizer,
         accelerator,
@@ -825,7 +840,23 @@ def run_evaluation(args, accelerator, model, split, processor, description: str)
         num_workers=args.dataloader_num_workers,
         description=description,
     )
-    return result.flat_metrics()
+    metrics = result.flat_metrics()
+    names = class_names(split)
+    if names:
+        confusion = class_map_confusion(
+            model,
+            split,
+            processor.tokenizer,
+            accelerator,
+            [args.class_prompt_template.format(name) for name in names],
+            OFFICIAL_THRESHOLD,
+            range(images_scored(len(split), args.max_eval_images)),
+            batch_size=args.per_device_eval_batch_size,
+            description=f"{description} (multi-class maps)",
+        )
+        scores = mean_iou_scores(confusion, names)
+        metrics.update({f"class_map_{key}": scores[key] for key in CLASS_MAP_METRICS})
+    return metrics
 
 
 def eval_results(metrics: dict[str, float]) -> dict[str, float]:

@@ -25,7 +25,7 @@ from phrasecut_dataset.masks import polygons_to_mask
 
 from .errors import CommandError
 from .loader import create_loader
-from .own_data import mask_from_png
+from .own_data import ignore_mask, mask_from_png
 from .prompts import apply_template
 from .transforms import (
     decode_image,
@@ -197,6 +197,7 @@ class TrainingOptions:
     visual_prompts: bool = False
     mix_text_min: float = 0.0
     mix_text_max: float = 0.5
+    ignore_regions: bool = False  # the data marks pixels to leave out (`own_data.has_ignore_regions`)
     seed: int = 0
 
 
@@ -227,6 +228,7 @@ class TrainingSamples(Dataset):
         chosen = self._choose_tasks(row_id, anchor, rng)
         tasks = [row["tasks"][int(self.index.task_in_row[t])] for t in chosen]
         masks = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in tasks])
+        ignore = ignore_mask(row, *pixels.shape[:2]) if self.options.ignore_regions else None
 
         if self.options.random_crop:
             top, left, side = random_square_crop(
@@ -234,12 +236,15 @@ class TrainingSamples(Dataset):
             )
             pixels = pixels[top : top + side, left : left + side]  # a view: copied once, by the collate
             masks = masks[:, top : top + side, left : left + side]
+            ignore = None if ignore is None else ignore[top : top + side, left : left + side]
         size = self.options.image_size
         sample = {
             "pixel_values": image_to_uint8(resize_pixels(pixels, size)),
             "masks": torch.from_numpy(resize_mask(masks, size)),
             "phrases": [task["phrase"] for task in tasks],
         }
+        if ignore is not None:
+            sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, size)))
         present = {task["phrase"] for task in row["tasks"]}
         for k in range(len(tasks)):
             if rng.random() < self.options.negative_prob:
@@ -338,6 +343,8 @@ def collate_training(
         **({"packed_labels": pack_masks(labels)} if pack_labels else {"labels": labels}),
         **tokenize(tokenizer, phrases, max_length, pad_to_multiple_of),
     }
+    if "ignore" in items[0]:  # one mask per image, packed: `model_inputs` makes each prompt's loss mask
+        batch["packed_ignore"] = pack_masks(torch.stack([item["ignore"] for item in items]))
     if "conditional_pixel_values" in items[0]:
         visuals = [v for item in items for v in item["conditional_pixel_values"]]
         size = batch["pixel_values"].shape[-1]
@@ -390,10 +397,11 @@ class EvaluationImages(Dataset):
     """One item = one whole image squashed to the model size with all of its phrases (CLIPSeg protocol),
     plus what the official protocol needs: the native-size masks and each task's subsets."""
 
-    def __init__(self, dataset: Any, image_size: int, rows: Sequence[int]):
+    def __init__(self, dataset: Any, image_size: int, rows: Sequence[int], ignore_regions: bool = False):
         self.dataset = dataset
         self.image_size = image_size
         self.rows = list(rows)
+        self.ignore_regions = ignore_regions
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -407,21 +415,28 @@ class EvaluationImages(Dataset):
             "masks": torch.from_numpy(resize_mask(native, self.image_size)),
             "phrases": [t["phrase"] for t in row["tasks"]],
             "task_ids": [t["task_id"] for t in row["tasks"]],
+            "class_ids": [t.get("class_id", -1) for t in row["tasks"]],
             "subsets": [list(t.get("subsets") or ["all"]) for t in row["tasks"]],
             "image_id": row.get("image_id"),
             "row": self.rows[item],
             "native_masks": torch.from_numpy(native),
         }
+        if self.ignore_regions:
+            ignore = ignore_mask(row, *pixels.shape[:2])
+            sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, self.image_size)))
+            sample["native_ignore"] = torch.from_numpy(ignore)
         return sample
 
 
 def collate_evaluation(items: list[dict], tokenizer: Any, max_length: int) -> dict[str, Any]:
     """Like `collate_training`, plus per-phrase bookkeeping lists (task ids, subsets, native masks)."""
     batch = collate_training(items, tokenizer, max_length)
-    for key in ("phrases", "task_ids", "subsets"):
+    for key in ("phrases", "task_ids", "class_ids", "subsets"):
         batch[key] = [value for item in items for value in item[key]]
     batch["rows"] = [item["row"] for item in items]
     batch["native_masks"] = [mask for item in items for mask in item["native_masks"]]
+    if "native_ignore" in items[0]:
+        batch["native_ignore"] = [item["native_ignore"] for item in items]
     return batch
 
 
@@ -434,14 +449,15 @@ def evaluation_loader(
     batch_size: int,
     device: torch.device,
     num_workers: int = 0,
+    ignore_regions: bool = False,
 ) -> DataLoader:
     """Batches of whole images (the given rows, in order), each with all of its phrases, at `model`'s input size
-    and text length."""
+    and text length; with `ignore_regions`, each image's ignore mask too."""
     collate = partial(
         collate_evaluation, tokenizer=tokenizer, max_length=model.config.text_config.max_position_embeddings
     )
     return create_loader(
-        EvaluationImages(dataset, model.config.image_size, rows),
+        EvaluationImages(dataset, model.config.image_size, rows, ignore_regions),
         collate,
         batch_size=batch_size,
         device=device,

@@ -16,7 +16,8 @@ from transformers.utils import logging
 from phrasecut_dataset.builder import SPLIT_ALIASES
 
 from .errors import CommandError
-from .own_data import ReferringColumns, held_out, is_project_form, referring_to_rows
+from .own_data import SourceOptions, held_out, is_project_form, referring_to_rows
+from .semantic_data import is_semantic, load_id2label, semantic_to_rows
 from .sources import load_error
 from .transforms import decode_image
 
@@ -37,7 +38,7 @@ def load_splits(
     skip_bad: bool = False,
     accelerator: Any = None,
     dataset_config_name: str | None = None,
-    columns: ReferringColumns | None = None,
+    source_options: SourceOptions | None = None,
     hold_out: tuple[str, float, int] | None = None,
     num_proc: int | None = None,
     notes: dict[str, str] | None = None,
@@ -46,16 +47,23 @@ def load_splits(
     bytes (a transform decodes each image once for all its phrases).
 
     `data_dir` is a raw PhraseCut folder, prepared once by the project's builder (the first process
-    prepares, the others read the cache); `dataset_name` is a Hub id or a local folder (Parquet, imagefolder):
-    the project's export, or the user's own referring rows (`columns`), converted once and cached. With
+    prepares, the others read the cache); `dataset_name` is a Hub id or a local folder (Parquet, imagefolder,
+    COCO): the project's export, or the user's own data (referring rows, semantic label maps or COCO instances,
+    read as `source_options` say), converted once and cached. With
     `hold_out` (flag, percentage, seed), that flag's split, when the data has none, is a seeded share of the
     first split's rows, and `notes[flag]` says so. A split that is missing, or rows of another form, end with one sentence naming the
     flags (`CommandError`).
     """
     names = {flag: canonical_split(name) for flag, name in wanted.items()}
     source = f"--data_dir {data_dir}" if data_dir else f"--dataset_name {dataset_name}"
+    options = source_options or SourceOptions()
+    from .coco_data import coco_splits, is_coco_folder
+
+    coco = bool(dataset_name) and is_coco_folder(dataset_name)
 
     def load() -> Any:
+        if coco:  # each split is read from its annotation file when it is converted ("val" is "validation")
+            return {canonical_split(name): name for name in coco_splits(dataset_name)}
         if data_dir:
             from phrasecut_dataset import load_phrasecut
 
@@ -72,10 +80,18 @@ def load_splits(
         splits = load()
         found = {}
         for flag, name in names.items():
-            if name in splits:
-                where = f"the {name} split of {source}"
-                local_root = dataset_name if dataset_name and Path(dataset_name).is_dir() else None
-                found[flag] = in_project_form(splits[name], where, columns, skip_bad, num_proc, local_root)
+            if name not in splits:
+                continue
+            where = f"the {name} split of {source}"
+            if coco:
+                found[flag] = coco_in_project_form(
+                    dataset_name, splits[name], options, skip_bad, num_proc, cache_dir
+                )
+                continue
+            local_root = dataset_name if dataset_name and Path(dataset_name).is_dir() else None
+            found[flag] = in_project_form(
+                splits[name], where, options, skip_bad, num_proc, local_root, dataset_name, cache_dir
+            )
         return found, sorted(splits)
 
     if accelerator is not None:
@@ -109,12 +125,16 @@ def load_splits(
 def in_project_form(
     split: datasets.Dataset,
     where: str,
-    columns: ReferringColumns | None,
+    options: SourceOptions | None,
     skip_bad: bool,
     num_proc: int | None,
     local_root: str | None = None,
+    dataset_name: str | None = None,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
-    """The split as the project's rows: as it is when it has them, else converted from referring rows."""
+    """The split as the project's rows: as it is when it has them, else converted from semantic label maps (a
+    label column of images and no mask column) or referring rows."""
+    options = options or SourceOptions()
     if is_project_form(split):
         missing = [column for column in REQUIRED_COLUMNS if column not in split.column_names]
         if missing:
@@ -123,15 +143,56 @@ def in_project_form(
                 "tasks)"
             )
         return split
-    converted, skipped = referring_to_rows(
-        split, columns or ReferringColumns(), where, skip_bad, num_proc, local_root
+    if is_semantic(split, options.label_column) and options.columns.mask not in split.column_names:
+        converted, skipped = semantic_to_rows(
+            split,
+            options.columns.image,
+            options.label_column,
+            load_id2label(options.id2label, dataset_name, cache_dir),
+            where,
+            options.class_prompt_template,
+            options.reduce_labels,
+            skip_bad,
+            num_proc,
+            local_root,
+        )
+    else:
+        converted, skipped = referring_to_rows(split, options.columns, where, skip_bad, num_proc, local_root)
+    log_converted(converted, where, skipped)
+    return converted
+
+
+def coco_in_project_form(
+    folder: str,
+    split: str,
+    options: SourceOptions,
+    skip_bad: bool,
+    num_proc: int | None,
+    cache_dir: str | None,
+) -> datasets.Dataset:
+    """A COCO split (annotations/instances_<split>.json and its image folder) as the project's rows."""
+    from .coco_data import coco_to_rows
+
+    converted, skipped = coco_to_rows(
+        folder,
+        split,
+        per_instance=options.coco_per_instance,
+        crowd=options.coco_crowd,
+        class_prompt_template=options.class_prompt_template,
+        skip_bad=skip_bad,
+        num_proc=num_proc,
+        cache_dir=cache_dir,
     )
-    tasks = sum(len(t) for t in converted.data.column("tasks").to_pylist())
+    log_converted(converted, f"the {split} split of --dataset_name {folder}", skipped)
+    return converted
+
+
+def log_converted(converted: datasets.Dataset, where: str, skipped: int) -> None:
+    tasks = pc.sum(pc.list_value_length(converted.data.column("tasks"))).as_py() or 0
     logger.info(
         f"{where}: {len(converted):,} images with {tasks:,} prompts"
         + (f", {skipped:,} bad rows skipped (--skip_bad_samples)" if skipped else "")
     )
-    return converted
 
 
 def check_embedded_images(split: datasets.Dataset, name: str, source: str) -> None:

@@ -32,6 +32,7 @@ from .metrics import (
     intersection_union,
     official_phrasecut_metrics,
 )
+from .own_data import has_ignore_regions
 from .transforms import model_inputs
 
 
@@ -111,10 +112,15 @@ def predict_logits(model: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def official_counts(
-    probs: torch.Tensor, image_index: torch.Tensor, native_masks: Sequence[torch.Tensor], threshold: float
+    probs: torch.Tensor,
+    image_index: torch.Tensor,
+    native_masks: Sequence[torch.Tensor],
+    threshold: float,
+    native_ignore: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intersection and union per phrase, the predictions resized (bilinear) to their image's original
-    size; all phrases of one image are resized together. `image_index` is on the host, so grouping the
+    size; all phrases of one image are resized together, and scored outside its ignore region (one mask per
+    image in `native_ignore`, when the data has them). `image_index` is on the host, so grouping the
     phrases reads nothing back; the counts stay on the device of `probs`."""
     intersections = torch.zeros(len(native_masks), dtype=torch.long, device=probs.device)
     unions = torch.zeros_like(intersections)
@@ -123,7 +129,8 @@ def official_counts(
         truth = torch.stack([native_masks[p] for p in phrases.tolist()]).to(probs.device, non_blocking=True)
         phrases = phrases.to(probs.device, non_blocking=True)
         resized = F.interpolate(probs[phrases][:, None], size=tuple(truth.shape[1:]), mode="bilinear")[:, 0]
-        intersections[phrases], unions[phrases] = intersection_union(resized > threshold, truth)
+        valid = None if native_ignore is None else ~native_ignore[image].to(probs.device)
+        intersections[phrases], unions[phrases] = intersection_union(resized > threshold, truth, valid)
     return intersections, unions
 
 
@@ -160,6 +167,7 @@ def evaluate(
                 batch_size=batch_size,
                 device=accelerator.device,
                 num_workers=num_workers,
+                ignore_regions=has_ignore_regions(dataset),
             )
             was_training = model.training
             model.eval()
@@ -197,8 +205,10 @@ def _score_batches(
             parts["ids"].append(index.phrase_ids(batch["rows"], image_index))
             # The counts stay on the device until the end, read once (`confusion_counts` itself still waits
             # for the device per batch: its range check and its bincount read back).
-            parts["counts"].append(confusion_counts(probs, inputs["labels"]))
-            inter, union = official_counts(probs, image_index, batch["native_masks"], official_threshold)
+            parts["counts"].append(confusion_counts(probs, inputs["labels"], valid=inputs.get("loss_mask")))
+            inter, union = official_counts(
+                probs, image_index, batch["native_masks"], official_threshold, batch.get("native_ignore")
+            )
             parts["inter"].append(inter)
             parts["union"].append(union)
             parts["rows"].append(np.asarray(batch["rows"])[image_index.numpy()])

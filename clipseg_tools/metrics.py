@@ -76,6 +76,7 @@ def confusion_counts(
     probs: torch.Tensor,
     targets: torch.Tensor,
     thresholds: torch.Tensor | np.ndarray | Sequence[float] = THRESHOLDS,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-sample, per-threshold confusion counts of probability maps against binary masks.
 
@@ -83,6 +84,7 @@ def confusion_counts(
         probs: `[P, H, W]` (any trailing shape) probabilities in [0, 1], i.e. after the sigmoid.
         targets: same shape; bool or 0/1 masks, nonzero meaning foreground.
         thresholds: `[T]` strictly increasing thresholds; a pixel is positive when `p > t`.
+        valid: same shape, bool: the pixels counted (a data set's ignore regions are False); default all.
 
     Returns:
         `[P, T, 4]` int64 tensor of (tp, fp, fn, tn), on the device of `probs`.
@@ -107,12 +109,19 @@ def confusion_counts(
 
     # bin b = number of thresholds strictly below p, so the pixel is positive at thresholds 0..b-1.
     bins = torch.bucketize(probs, grid, out_int32=True)
-    is_foreground = targets.detach().flatten(1).to(device=probs.device).bool().int()
+    # Ground-truth class 0 background, 1 foreground, 2 left out (counted in a slot that is then dropped).
+    truth = targets.detach().flatten(1).to(device=probs.device).bool().int()
+    if valid is not None:
+        if valid.shape != targets.shape:
+            raise ValueError(
+                f"valid {tuple(valid.shape)} must have the shape of targets {tuple(targets.shape)}"
+            )
+        truth = torch.where(valid.flatten(1).to(probs.device).bool(), truth, 2)
     # One histogram slot per (sample, ground-truth class, bin), counted by a single bincount.
     sample_index = torch.arange(num_samples, device=probs.device, dtype=torch.int32).unsqueeze(1)
-    keys = bins + num_bins * (is_foreground + 2 * sample_index)
-    histogram = torch.bincount(keys.flatten(), minlength=num_samples * 2 * num_bins)
-    histogram = histogram.view(num_samples, 2, num_bins)
+    keys = bins + num_bins * (truth + 3 * sample_index)
+    histogram = torch.bincount(keys.flatten(), minlength=num_samples * 3 * num_bins)
+    histogram = histogram.view(num_samples, 3, num_bins)[:, :2]
 
     # pixels_above[..., j] = pixels in bins j+1 and up = pixels with p > t_j.
     pixels_above = histogram.flip(-1).cumsum(-1).flip(-1)[..., 1:]
@@ -406,8 +415,11 @@ class ThresholdSweep:
 # - Every task is in "all"; a subset with no task is printed as "count = 0" and has no result.
 
 
-def intersection_union(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersection and union pixel counts of binary masks (nonzero = foreground).
+def intersection_union(
+    pred_mask: torch.Tensor, gt_mask: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and union pixel counts of binary masks (nonzero = foreground), over the `valid` pixels
+    when given (broadcast against the masks: a data set's ignore regions left out).
 
     `[H, W]` masks give 0-dim int64 tensors (use `int(...)`); `[P, H, W]` masks give one count per
     task. Call it at the image's original resolution for the official protocol.
@@ -418,6 +430,9 @@ def intersection_union(pred_mask: torch.Tensor, gt_mask: torch.Tensor) -> tuple[
             "resize the prediction to the original image size first."
         )
     pred, gt = pred_mask.bool(), gt_mask.to(pred_mask.device).bool()
+    if valid is not None:
+        valid = valid.to(pred.device).bool()
+        pred, gt = pred & valid, gt & valid
     intersection = (pred & gt).sum(dim=(-2, -1))
     union = (pred | gt).sum(dim=(-2, -1))
     return intersection, union

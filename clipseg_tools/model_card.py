@@ -15,6 +15,10 @@ CARD_METRICS = {
     "ap": "AP",
     "miou_best": "mIoU (best t)",
     "fgiou_best": "foreground IoU (best t)",
+    # Semantic and COCO data: the multi-class map (argmax over the class prompts), `evaluate`'s mean_iou names.
+    "class_map_mean_iou": "multi-class map mean IoU",
+    "class_map_mean_accuracy": "multi-class map mean accuracy",
+    "class_map_overall_accuracy": "multi-class map overall accuracy",
 }
 
 ATTRIBUTION = """\

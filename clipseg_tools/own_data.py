@@ -11,35 +11,50 @@ once with `datasets.map` over several processes and is cached by `datasets` like
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image
 
 from .errors import CommandError
 
 _POINT = datasets.List(datasets.Value("float64"), length=2)
-# The project's row form, as run_train.py and run_eval.py read it (PhraseCut's rows carry more fields).
-ROW_FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(decode=False),
-        "image_id": datasets.Value("int64"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "tasks": datasets.List(
-            {
-                "task_id": datasets.Value("string"),
-                "phrase": datasets.Value("string"),
-                "polygons": datasets.List(datasets.List(datasets.List(_POINT))),
-                "instance_boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
-                "mask": datasets.Value("binary"),  # a 1-bit PNG at the image's size
-            }
-        ),
-    }
-)
+
+
+def row_features(class_names: list[str] | None = None) -> datasets.Features:
+    """The project's row form for a user's data, as run_train.py and run_eval.py read it (PhraseCut's rows carry
+    polygons and more fields instead of masks). `ignore` is a 1-bit PNG of the pixels no prompt of the image is
+    trained or scored on (a semantic data set's ignore index, COCO's crowd regions), empty when there are none.
+    With `class_names` (semantic and COCO data), each task's `class_id` names its class (a `ClassLabel`, so the
+    names travel with the rows); referring rows have -1 there."""
+    class_id = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int32")
+    return datasets.Features(
+        {
+            "image": datasets.Image(decode=False),
+            "image_id": datasets.Value("int64"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "ignore": datasets.Value("binary"),
+            "tasks": datasets.List(
+                {
+                    "task_id": datasets.Value("string"),
+                    "phrase": datasets.Value("string"),
+                    "polygons": datasets.List(datasets.List(datasets.List(_POINT))),
+                    "instance_boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
+                    "mask": datasets.Value("binary"),  # a 1-bit PNG at the image's size
+                    "class_id": class_id,
+                }
+            ),
+        }
+    )
+
+
+ROW_FEATURES = row_features()
 
 
 @dataclass(frozen=True)
@@ -57,18 +72,82 @@ class ReferringColumns:
         return {"--image_column": self.image, "--mask_column": self.mask, "--prompt_column": self.prompt}
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a user's own data is read and turned into prompts (the flags of `add_source_arguments`)."""
+
+    columns: ReferringColumns = ReferringColumns()
+    label_column: str = "label"
+    id2label: str | None = None
+    class_prompt_template: str = "{}"
+    reduce_labels: bool = False
+    coco_per_instance: bool = False
+    coco_crowd: str = "ignore"
+
+
 def add_source_arguments(add: Any) -> None:
     """The flags that say where a user's own data keeps what (run_train.py and run_eval.py alike)."""
     add("--dataset_config_name", help="the configuration of --dataset_name, if it has several")
     add("--image_column", default="image", help="your own data: the image column")
     add(
-        "--mask_column", default="mask", help="your own data: a binary mask image, or a list of them, per row"
+        "--mask_column",
+        default="mask",
+        help="referring data: a binary mask image, or a list of them, per row",
     )
-    add("--prompt_column", default="prompt", help="your own data: per mask a prompt, or a list of prompts")
+    add("--prompt_column", default="prompt", help="referring data: per mask a prompt, or a list of prompts")
+    add("--label_column", default="label", help="semantic data: the label map (an image of class ids)")
+    add(
+        "--id2label",
+        help="semantic data: class names, a JSON file of id to name (default: the data set's id2label.json)",
+    )
+    add(
+        "--class_prompt_template",
+        default="{}",
+        help="semantic and COCO data: the prompt of a class, {} standing for its name (e.g. 'a photo of {}')",
+    )
+    add(
+        "--reduce_labels",
+        action="store_true",
+        help="semantic data: label 0 is 'no class' (ignored) and the others shift down by one, as in transformers",
+    )
+    add(
+        "--coco_per_instance",
+        action="store_true",
+        help="COCO data: one prompt per instance (default: one per category and image, its instances merged)",
+    )
+    add(
+        "--coco_crowd",
+        choices=("ignore", "keep"),
+        default="ignore",
+        help="COCO data: crowd regions left out of the loss and the scores, or kept as their category's pixels",
+    )
 
 
-def columns_from(args: Any) -> ReferringColumns:
-    return ReferringColumns(args.image_column, args.mask_column, args.prompt_column)
+def columns_from(args: Any) -> SourceOptions:
+    """The `SourceOptions` that a script's flags give."""
+    return SourceOptions(
+        columns=ReferringColumns(args.image_column, args.mask_column, args.prompt_column),
+        label_column=args.label_column,
+        id2label=args.id2label,
+        class_prompt_template=args.class_prompt_template,
+        reduce_labels=args.reduce_labels,
+        coco_per_instance=args.coco_per_instance,
+        coco_crowd=args.coco_crowd,
+    )
+
+
+def check_class_prompt_template(template: str) -> str:
+    """A class prompt template (`--class_prompt_template`) holds `{}` once, where the class name goes."""
+    try:
+        usable = template.count("{}") == 1 and bool(template.format("x"))
+    except (IndexError, KeyError, ValueError):
+        usable = False
+    if not usable:
+        raise CommandError(
+            f"--class_prompt_template {template!r} must hold exactly one {{}}, where the class name goes (e.g. 'a "
+            "photo of a {}'), and no other braces"
+        )
+    return template
 
 
 class BadRow(CommandError):
@@ -182,6 +261,7 @@ def convert_row(
                     "polygons": [],
                     "instance_boxes": [],
                     "mask": mask,
+                    "class_id": -1,
                 }
             )
     return {
@@ -189,6 +269,7 @@ def convert_row(
         "image_id": index,
         "width": width,
         "height": height,
+        "ignore": b"",
         "tasks": tasks,
     }
 
@@ -244,6 +325,19 @@ def _mask_png(data: bytes, width: int, height: int, m: int) -> bytes:
     encoded = io.BytesIO()
     Image.fromarray(values > 0).save(encoded, format="PNG")
     return encoded.getvalue()
+
+
+def has_ignore_regions(split: datasets.Dataset) -> bool:
+    """Whether any image of `split` has pixels left out of the loss and the metrics (its `ignore` mask)."""
+    if "ignore" not in split.column_names:
+        return False
+    return bool(pc.any(pc.greater(pc.binary_length(split.data.column("ignore")), 0)).as_py())
+
+
+def ignore_mask(row: Mapping, height: int, width: int) -> np.ndarray:
+    """A row's ignore region as bool [height, width] (all False when it has none)."""
+    data = row.get("ignore")
+    return np.array(mask_from_png(data, height, width)) if data else np.zeros((height, width), dtype=bool)
 
 
 def mask_from_png(data: bytes, height: int, width: int) -> np.ndarray:

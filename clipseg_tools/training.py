@@ -36,6 +36,7 @@ TRAINING_INPUTS = (
     "input_ids",
     "image_index",
     "labels",
+    "loss_mask",
     "conditional_pixel_values",
     "visual_index",
     "text_weight",

@@ -166,4 +166,7 @@ def model_inputs(batch: dict[str, Any], device: torch.device | str) -> dict[str,
         moved["labels"] = unpack_masks(moved.pop("packed_labels"), moved["pixel_values"].shape[-1])
     if "labels" in moved:
         moved["labels"] = moved["labels"].float()
+    if "packed_ignore" in moved:  # one per image: each of its prompts is trained and scored on the rest
+        ignore = unpack_masks(moved.pop("packed_ignore"), moved["pixel_values"].shape[-1])
+        moved["loss_mask"] = ~ignore[moved["image_index"]]
     return moved
