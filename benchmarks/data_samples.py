@@ -15,18 +15,27 @@ machine's pin-memory thread has:
   job for a batch of --batch_size divided by the batch (the samples, `collate_training`, the default
   hand-over: its tensors moved to shared memory, as a worker's queue does when it pickles them);
 - the pipeline alone: samples per second from one worker process into the main process, either hand-over.
+
+With --own_data, instead: the same pictures as a user's own referring rows (image, binary mask images, prompts;
+`own_synthetic.referring_rows`): their conversion to the project's rows (`own_data.referring_to_rows`) in
+images per second, in one process and in one per CPU, and a worker's time per training sample on the converted
+rows (masks decoded from their 1-bit PNGs) against the PhraseCut rows they came from (masks drawn from
+polygons), each at full size.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import datasets
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,6 +52,8 @@ from clipseg_tools.batching import (  # noqa: E402
 from clipseg_tools.data import load_splits, shrink_images  # noqa: E402
 from clipseg_tools.demo import demo_words  # noqa: E402
 from clipseg_tools.handover import SharedBatchRing  # noqa: E402
+from clipseg_tools.own_data import ReferringColumns, referring_to_rows  # noqa: E402
+from clipseg_tools.own_synthetic import REFERRING_FEATURES, referring_rows  # noqa: E402
 from clipseg_tools.tiny_clip import build_word_tokenizer  # noqa: E402
 from clipseg_tools.transforms import pack_masks  # noqa: E402
 from phrasecut_dataset import write_synthetic_phrasecut  # noqa: E402
@@ -150,6 +161,49 @@ def report(results: dict, name: str, key: str, values: list[float], digits: int,
     print(f"{name:>44}: " + " / ".join(f"{v:.{digits}f}" for v in values) + f" {what}", flush=True)
 
 
+def phrasecut_rows(num_images: int, scratch: Path) -> Any:
+    """Synthetic PhraseCut-sized rows (375-500 px), prepared by the project's builder."""
+    data_dir = write_synthetic_phrasecut(
+        scratch / "data", {"train": num_images}, seed=0, min_size=375, max_size=500, overwrite=True
+    )
+    (split,) = load_splits(
+        {"the samples' data": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache")
+    )
+    return split
+
+
+def own_data_costs(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Conversion speed of referring rows and the training samples' cost on them against PhraseCut's rows."""
+    results: dict[str, dict[str, list[float]]] = {}
+    torch.set_num_threads(1)
+    datasets.disable_progress_bars()
+    scratch = Path(tempfile.mkdtemp(prefix="clipseg_own_data_"))
+    phrasecut = phrasecut_rows(args.num_images, scratch)
+    referring = datasets.Dataset.from_dict(
+        referring_rows(phrasecut.cast_column("image", datasets.Image(decode=False))),
+        features=REFERRING_FEATURES,
+    )
+    for processes in (None, max(2, os.cpu_count() or 1)):
+        rates = []
+        for _ in range(args.repeats):  # an in-memory source: `map` caches nothing, each repeat converts
+            start = time.perf_counter()
+            converted, _ = referring_to_rows(referring, ReferringColumns(), "benchmark", num_proc=processes)
+            rates.append(len(converted) / (time.perf_counter() - start))
+        name = f"conversion, {processes or 1} process(es)"
+        report(
+            results, name, "images_per_second", rates, 0, "images/s (referring rows to the project's rows)"
+        )
+    options = TrainingOptions(image_size=args.image_size, prompt_template="plain")
+    for name, data in (
+        ("PhraseCut rows (polygons)", phrasecut),
+        ("converted own rows (PNG masks)", converted),
+    ):
+        samples = TrainingSamples(data, PhraseIndex.from_dataset(data), options)
+        per_sample = [milliseconds_per_sample(samples, args.samples) for _ in range(args.repeats)]
+        report(results, name, "per_sample_ms", per_sample, 2, "ms per training sample, full-size images")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num_images", type=int, default=400)
@@ -157,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=352)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--own_data", action="store_true", help="time a user's own data instead (see above)")
     args = parser.parse_args(argv)
+    if args.own_data:
+        return own_data_costs(args)
     results: dict[str, dict[str, list[float]]] = {}
     # One thread, as the loader's pin-memory thread sets for itself on a GPU machine (and as each worker
     # runs): two would make the copies here contend with the worker process for this machine's two cores.
@@ -173,12 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         report(results, name, "per_batch_ms", per_batch, 1, what)
 
     scratch = Path(tempfile.mkdtemp(prefix="clipseg_data_samples_"))
-    data_dir = write_synthetic_phrasecut(
-        scratch / "data", {"train": args.num_images}, seed=0, min_size=375, max_size=500, overwrite=True
-    )
-    (split,) = load_splits(
-        {"the samples' data": "train"}, data_dir=str(data_dir), cache_dir=str(scratch / "cache")
-    )
+    split = phrasecut_rows(args.num_images, scratch)
     tokenizer = build_word_tokenizer(demo_words(), scratch / "tokenizer")
     collate = partial(
         collate_training, tokenizer=tokenizer, max_length=tokenizer.model_max_length, pack_labels=True

@@ -29,3 +29,16 @@ def test_device_gaps_finds_idle_device_time_and_what_the_host_did():
     assert report[1] == "   0.250 ms at +  0.00 ms | host: aten::linear > aten::mm | then: gemm"
     assert report[2] == "   0.205 ms at +  0.49 ms | host: cudaGraphLaunch | then: graph kernel"
     assert report[3].startswith("   0.028 ms at +  0.97 ms | host: (nothing traced) | then: (end of step)")
+
+
+def test_the_own_data_benchmark_times_conversion_and_samples_on_both_row_forms():
+    import data_samples
+
+    results = data_samples.main(["--own_data", "--num_images", "4", "--samples", "4", "--repeats", "1"])
+    assert set(results) == {
+        "conversion, 1 process(es)",
+        f"conversion, {max(2, __import__('os').cpu_count() or 1)} process(es)",
+        "PhraseCut rows (polygons)",
+        "converted own rows (PNG masks)",
+    }
+    assert all(value > 0 for figures in results.values() for values in figures.values() for value in values)
