@@ -7,9 +7,13 @@
 A model is a folder or Hub id: a checkpoint of ours, or a CIDAS-format one (a saved
 `CLIPSegForImageSegmentation`, loaded into our model). Prefix it with `transformers:` to run it through
 transformers' own `CLIPSegForImageSegmentation` instead (one image copy per phrase, as that class needs).
+Prefix a SAM 3 checkpoint with `sam3:` (e.g. `sam3:facebook/sam3`) to score transformers' `Sam3Model` on the
+same samples: each phrase's map is the union of its instances (`clipseg_tools/sam3_compare.py`), each image
+given at SAM 3's own input size.
 
 Writes `results.md` and `results.json` (all models, both protocols, the paper's reference rows) and, per
-model, a failure gallery (`gallery/<model>/index.html`) with the precision-recall curve and IoU histogram.
+model, a failure gallery (`gallery/<model>/index.html`) with the precision-recall curve and IoU histogram,
+and each model's parameter count and scoring speed (images per second).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from clipseg_tools.own_data import (
     columns_from,
     is_phrasecut,
 )
+from clipseg_tools.sam3_compare import SAM3_PREFIX, load_sam3, sam3_source_problem
 from clipseg_tools.sources import load_error, model_source_problem
 
 logger = logging.get_logger(__name__)
@@ -133,7 +139,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.official_threshold < 1:
         parser.error("--official_threshold must lie strictly between 0 and 1")
     for spec in [args.model, *args.compare]:  # all of them before scoring any
-        problem = model_source_problem(spec.removeprefix(STOCK_PREFIX))
+        source = spec.removeprefix(STOCK_PREFIX).removeprefix(SAM3_PREFIX)
+        problem = model_source_problem(source)
+        if not problem and spec.startswith(SAM3_PREFIX):
+            problem = sam3_source_problem(source)
         if problem:
             parser.error(f"--model/--compare {spec}: {problem}")
     args.num_workers = worker_count(parser, args.num_workers, "--num_workers")
@@ -161,7 +170,10 @@ class StockClipSeg(torch.nn.Module):
 
 
 def load_model(spec: str, device: torch.device) -> tuple[Any, Any]:
-    """Model and processor from a folder or Hub id (see the module docstring for `transformers:`)."""
+    """Model and processor from a folder or Hub id (the module docstring says what `transformers:` and
+    `sam3:` do)."""
+    if spec.startswith(SAM3_PREFIX):
+        return load_sam3(spec.removeprefix(SAM3_PREFIX), device, f"--model/--compare {spec!r}")
     from transformers import AutoProcessor, CLIPSegForImageSegmentation
 
     from modeling_clipseg_custom import ClipSegCustomModel
@@ -265,15 +277,47 @@ def class_map_lines(args: argparse.Namespace, summaries: dict[str, dict]) -> lis
     ]
 
 
+def measured(model: Any, seconds: float, num_images: int) -> dict[str, Any]:
+    """A model's size (every parameter, CLIP's included) and scoring speed: images over the wall time of its
+    `evaluate` call (data loading, forward passes, metric counts)."""
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "images_per_second": num_images / seconds if seconds > 0 else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def speed_lines(speeds: dict[str, dict]) -> list[str]:
+    """The report's size and speed table (parameters written with thousands separators)."""
+    if not speeds:
+        return []
+    rows = {
+        name: {"parameters": f"{s['parameters']:,}", "images/s": s["images_per_second"]}
+        for name, s in speeds.items()
+    }
+    return [
+        "## Size and speed",
+        "",
+        "Parameters: all of the model's (CLIP's included). Images/s: the images scored over the wall time of "
+        "the model's scoring on this machine (data loading, forward passes, metric counts); the first model "
+        "may also pay one-off warm-up.",
+        "",
+        markdown_table(rows, ["parameters", "images/s"], digits=2),
+        "",
+    ]
+
+
 def write_report(
     output_dir: Path,
     args: argparse.Namespace,
     summaries: dict[str, dict],
     num_images: int,
     phrasecut: bool = True,
+    speeds: dict[str, dict] | None = None,
 ) -> str:
     """`results.md` (both tables, Markdown) and `results.json`; returns the Markdown. The paper's figures are
-    shown beside PhraseCut scores only (`phrasecut`); a user's own data gets the same two protocols."""
+    shown beside PhraseCut scores only (`phrasecut`); a user's own data gets the same two protocols. `speeds`
+    (`measured`, per model) go beside the scores, not into them: they differ from run to run."""
     paper_table = {name: s["clipseg_paper_protocol"] for name, s in summaries.items()}
     official_table = {name: s["official_protocol"]["all"] for name, s in summaries.items()}
     native = "Official PhraseCut protocol" if phrasecut else "At each image's own size"
@@ -306,6 +350,7 @@ def write_report(
             "",
         ]
     lines += class_map_lines(args, summaries)
+    lines += speed_lines(speeds or {})
     markdown = "\n".join(lines)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(output_dir / "results.md", markdown)
@@ -314,6 +359,7 @@ def write_report(
         "num_images": num_images,
         "models": summaries,
         "paper_reference": PAPER_ROWS if phrasecut else None,
+        "size_and_speed": speeds or {},
     }
     write_text_atomically(
         output_dir / "results.json", json.dumps(without_nan(payload), indent=2, allow_nan=False)
@@ -361,11 +407,13 @@ def score_all(
 ) -> dict[str, dict]:
     """Every model on the same samples, with its gallery; then the report."""
     output_dir = Path(args.output_dir)
-    summaries, taken = {}, set()
+    summaries, speeds, taken = {}, {}, set()
     for spec in [args.model, *args.compare]:
         label = model_label(spec, taken)
         model, processor = load_model(spec, accelerator.device)
+        start = time.perf_counter()
         result = score(model, processor, split, args, accelerator, label)
+        speeds[label] = measured(model, time.perf_counter() - start, result.num_images)
         summaries[label] = result.summary()
         if class_names(split):
             summaries[label]["class_map"] = score_class_maps(
@@ -378,7 +426,9 @@ def score_all(
             summaries[label]["gallery"] = str(folder / "index.html")
         del model
     if accelerator.is_main_process:
-        markdown = write_report(output_dir, args, summaries, num_images, phrasecut=is_phrasecut(split))
+        markdown = write_report(
+            output_dir, args, summaries, num_images, phrasecut=is_phrasecut(split), speeds=speeds
+        )
         print(markdown)  # the command's output; where it was written goes to the log
         gallery = f", {output_dir / 'gallery'}/ (failure pictures)" if args.gallery_max else ""
         logger.info(f"Written: {output_dir / 'results.md'}, {output_dir / 'results.json'}{gallery}")
