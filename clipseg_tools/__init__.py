@@ -5,11 +5,14 @@
 - `loader`: the one DataLoader factory, and the default number of data-loader workers;
 - `handover`: batches from loader workers through reused shared memory;
 - `data`: the splits a script needs, and training images stored once at the model's size;
-- `own_data`, `own_synthetic`: a user's own referring rows in the project's form; synthetic rows of that shape;
+- `own_data`, `semantic_data`, `coco_data`: a user's own data (referring rows, label maps, COCO instances) in
+  the project's form; `own_synthetic`: synthetic data of each shape;
 - `training`: the training step, the loss summed on the device between logs, the optimizer and its schedule;
 - `checkpoints`: the run's state, and the checkpoints that carry it (saved, found, resumed from);
 - `run_folder`: a run's output folder: what the run wrote there (pushed, removed on overwrite), its lock;
 - `evaluation`, `metrics`, `gallery`: scoring under both protocols, the arithmetic, the failure pictures;
+- `class_maps`: the multi-class map of semantic and COCO data and its `mean_iou` scores;
+- `sam3_compare`: transformers' SAM 3 behind the evaluation's model interface (`run_eval.py --compare sam3:`);
 - `model_card`, `hub`, `sources`: the card, pushing to the Hub, where models come from;
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;
 - `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates.
