@@ -149,6 +149,18 @@ def visual_prompt(
     return Image.fromarray(square.clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
 
 
+def wordings(task: Mapping) -> list[str]:
+    """A task's prompts: its phrase, and the other wordings of the same mask a user's data may give."""
+    return [task["phrase"], *(task.get("other_phrases") or [])]
+
+
+def draw_wording(task: Mapping, rng: np.random.Generator) -> str:
+    """One of a task's wordings for a training sample; a task with one (PhraseCut's) draws nothing, so its
+    samples stay those of a run without this choice."""
+    options = wordings(task)
+    return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
+
+
 def read_image(row: dict, decode: Callable[[Any], Any] = decode_image) -> Any:
     """A row's image, decoded (a PIL image, or an RGB array [H, W, 3] with `decode_pixels`); a broken one is
     named (the data should have been validated when prepared)."""
@@ -245,13 +257,18 @@ class TrainingSamples(Dataset):
         }
         if ignore is not None:
             sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, size)))
-        present = {task["phrase"] for task in row["tasks"]}
+        present = {phrase for task in row["tasks"] for phrase in wordings(task)}
+        negatives = set()
         for k in range(len(tasks)):
             if rng.random() < self.options.negative_prob:
                 sample["phrases"][k] = self._absent_phrase(present, rng)
                 sample["masks"][k] = False
+                negatives.add(k)
         if self.options.visual_prompts:
             self._add_visual_prompts(sample, chosen, rng)
+        for k, task in enumerate(tasks):  # after the example images: those are found by the first wording
+            if k not in negatives:
+                sample["phrases"][k] = draw_wording(task, rng)
         sample["phrases"] = [
             apply_template(p, self.options.prompt_template, rng) if p else p for p in sample["phrases"]
         ]

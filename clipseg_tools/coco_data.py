@@ -415,6 +415,7 @@ def _task(task_id: str, class_id: int, members: list[tuple], what: str, options:
     return {
         "task_id": task_id,
         "phrase": options.template.format(options.class_names[class_id]),
+        "other_phrases": [],
         "polygons": [],
         "instance_boxes": [_box(a, m) for a, m in members],
         "mask": _png(mask),

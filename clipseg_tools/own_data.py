@@ -3,7 +3,8 @@ treat it as they treat PhraseCut (one vision pass per image for all its prompts,
 images, exact resume, several processes).
 
 Referring rows: an image column, a mask column (a binary `Image`, or a list of them) and a prompt column (a
-string per mask, or a list of strings per mask: each becomes a task with that mask). Each mask is stored as a
+string per mask, or a list of strings per mask: one task per mask, its first prompt the one scored, each
+training sample drawing one of them). Each mask is stored as a
 1-bit PNG beside the image (`mask` of a task; PhraseCut's tasks carry polygons instead). The conversion runs
 once with `datasets.map` over several processes and is cached by `datasets` like any map.
 """
@@ -43,7 +44,10 @@ def row_features(class_names: list[str] | None = None) -> datasets.Features:
             "tasks": datasets.List(
                 {
                     "task_id": datasets.Value("string"),
-                    "phrase": datasets.Value("string"),
+                    "phrase": datasets.Value("string"),  # the prompt scored, and one of those trained on
+                    "other_phrases": datasets.List(
+                        datasets.Value("string")
+                    ),  # more wordings, drawn in training
                     "polygons": datasets.List(datasets.List(datasets.List(_POINT))),
                     "instance_boxes": datasets.List(datasets.List(datasets.Value("float64"), length=4)),
                     "mask": datasets.Value("binary"),  # a 1-bit PNG at the image's size
@@ -240,7 +244,8 @@ def _convert_batch(
 def convert_row(
     image_cell: Any, mask_cells: Any, prompts: Any, index: int, local_root: str | None = None
 ) -> dict:
-    """One source row: its image (bytes kept as they are), and one task per (mask, prompt)."""
+    """One source row: its image (bytes kept as they are), and one task per mask with its prompts (the first
+    as `phrase`, the others as `other_phrases`)."""
     data, (width, height) = _image_bytes(_encoded(image_cell, "image", local_root))
     masks = mask_cells if isinstance(mask_cells, list) else [mask_cells]
     per_mask = prompts if isinstance(mask_cells, list) else [prompts]
@@ -251,19 +256,23 @@ def convert_row(
     tasks = []
     for m, (mask_cell, mask_prompts) in enumerate(zip(masks, per_mask, strict=True)):
         mask = _mask_png(_encoded(mask_cell, f"mask {m}", local_root), width, height, m)
-        for p, prompt in enumerate(mask_prompts if isinstance(mask_prompts, list) else [mask_prompts]):
+        wordings = mask_prompts if isinstance(mask_prompts, list) else [mask_prompts]
+        for prompt in wordings:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise BadRow(f"mask {m} has an empty or non-text prompt {prompt!r}")
-            tasks.append(
-                {
-                    "task_id": f"{index}_{m}_{p}",
-                    "phrase": prompt.strip(),
-                    "polygons": [],
-                    "instance_boxes": [],
-                    "mask": mask,
-                    "class_id": -1,
-                }
-            )
+        if not wordings:
+            raise BadRow(f"mask {m} has no prompt")
+        tasks.append(
+            {
+                "task_id": f"{index}_{m}",
+                "phrase": wordings[0].strip(),
+                "other_phrases": [prompt.strip() for prompt in wordings[1:]],
+                "polygons": [],
+                "instance_boxes": [],
+                "mask": mask,
+                "class_id": -1,
+            }
+        )
     return {
         "image": {"bytes": data, "path": None},
         "image_id": index,

@@ -158,6 +158,7 @@ def convert_row(
         {
             "task_id": f"{index}_{int(value)}",
             "phrase": prompts[lookup[value]],
+            "other_phrases": [],
             "polygons": [],
             "instance_boxes": [],
             "mask": _png(labels == value),

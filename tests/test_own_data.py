@@ -41,7 +41,7 @@ def one_row_split(image, masks, prompts) -> datasets.Dataset:
     )
 
 
-def test_referring_rows_become_one_row_per_image_with_a_task_per_prompt(referring_folder):
+def test_referring_rows_become_one_row_per_image_with_a_task_per_mask_and_its_wordings(referring_folder):
     from clipseg_tools.batching import PhraseIndex, task_mask
     from clipseg_tools.data import load_splits
 
@@ -49,11 +49,12 @@ def test_referring_rows_become_one_row_per_image_with_a_task_per_prompt(referrin
     (rows,) = load_splits({"--split": "test"}, dataset_name=str(referring_folder))
     assert len(rows) == len(source)
     first, given = rows[0], source[0]
-    assert len(first["tasks"]) == 2 * len(given["mask"])  # two wordings per mask
-    assert [t["phrase"] for t in first["tasks"][:2]] == given["prompt"][0]
+    assert len(first["tasks"]) == len(given["mask"])
+    for task, prompts in zip(first["tasks"], given["prompt"], strict=True):  # two wordings per mask
+        assert [task["phrase"], *task["other_phrases"]] == prompts
     for k, mask in enumerate(given["mask"]):
         expected = np.asarray(mask.convert("L")) > 0
-        assert (task_mask(first["tasks"][2 * k], first, first["height"], first["width"]) == expected).all()
+        assert (task_mask(first["tasks"][k], first, first["height"], first["width"]) == expected).all()
     assert len(PhraseIndex.from_dataset(rows)) == sum(len(t) for t in rows["tasks"])
 
 
@@ -77,7 +78,7 @@ def test_training_and_evaluation_on_your_own_data(tmp_path, referring_folder, ti
     )  # fmt: skip
     (summary,) = summaries.values()
     assert summary["num_phrases"] == sum(
-        2 * len(m) for m in datasets.load_dataset(str(referring_folder))["test"]["mask"]
+        len(m) for m in datasets.load_dataset(str(referring_folder))["test"]["mask"]
     )
     report = (tmp_path / "eval" / "results.md").read_text()
     assert "At each image's own size" in report and "paper:" not in report
@@ -169,4 +170,19 @@ def test_two_processes_train_on_your_own_data_and_score_each_prompt_once(
     # The held-out share is the same on both processes: every prompt of it scored once.
     train = datasets.load_dataset(str(referring_folder))["train"]
     held = train.train_test_split(test_size=0.1, seed=42)["test"]
-    assert results["eval_samples"] == sum(2 * len(masks) for masks in held["mask"])
+    assert results["eval_samples"] == sum(len(masks) for masks in held["mask"])
+
+
+def test_a_training_sample_draws_one_wording_of_its_mask_per_step(referring_folder):
+    from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples
+    from clipseg_tools.data import load_splits
+
+    (rows,) = load_splits({"--split": "train"}, dataset_name=str(referring_folder))
+    options = TrainingOptions(image_size=32, negative_prob=0.0, prompt_template="plain", random_crop=False)
+    samples = TrainingSamples(rows, PhraseIndex.from_dataset(rows), options)
+    index = samples.index
+    first = index.row_starts[0]  # the first mask of the first image: its two wordings over many epochs
+    task = rows[0]["tasks"][0]
+    drawn = [samples[epoch * len(samples) + first]["phrases"][0] for epoch in range(12)]
+    assert set(drawn) == {task["phrase"], *task["other_phrases"]}
+    assert drawn == [samples[epoch * len(samples) + first]["phrases"][0] for epoch in range(12)]  # seeded
