@@ -157,9 +157,25 @@ def in_project_form(
             local_root,
         )
     else:
+        check_shape(split, options, where)
         converted, skipped = referring_to_rows(split, options.columns, where, skip_bad, num_proc, local_root)
     log_converted(converted, where, skipped)
     return converted
+
+
+def check_shape(split: datasets.Dataset, options: SourceOptions, where: str) -> None:
+    """Rows that are neither referring rows (a mask column) nor semantic ones (a label column of images) are
+    named with both ways to read them."""
+    mask, label = options.columns.mask, options.label_column
+    if mask in split.column_names:
+        return
+    held = split.features.get(label)
+    label_said = f"its {label!r} column holds {held}, not label-map images" if held is not None else ""
+    raise CommandError(
+        f"{where} has neither a mask column {mask!r} (referring rows: name it with --mask_column) nor a column of "
+        f"label-map images (semantic data: --label_column){'; ' + label_said if label_said else ''}; it has "
+        f"{split.column_names}"
+    )
 
 
 def coco_in_project_form(

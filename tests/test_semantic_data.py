@@ -229,3 +229,42 @@ def test_a_training_batch_carries_each_prompts_loss_mask(semantic_folder, tiny_c
         ),
         "cpu",
     )
+
+
+def test_rows_of_neither_shape_are_named_with_both_ways_to_read_them():
+    from clipseg_tools.data import in_project_form
+    from clipseg_tools.own_data import SourceOptions
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict(
+        {"image": [png(np.zeros((4, 4, 3), np.uint8))], "label": [1]}, features=features
+    )
+    with pytest.raises(
+        CommandError,
+        match=r"neither a mask column 'mask' .*--mask_column.*--label_column.*'label' column holds ClassLabel",
+    ):
+        in_project_form(split, "the train split", SourceOptions(), False, None)
+
+
+def test_two_processes_train_on_semantic_data_and_score_the_maps_of_one(
+    tmp_path, semantic_folder, tiny_clip_dir
+):
+    from conftest import two_process_launcher
+
+    out = tmp_path / "out"
+    argv = train_args(semantic_folder, tiny_clip_dir, out, "--max_train_steps", "3")
+    argv[argv.index("--data_dir")] = "--dataset_name"
+    result = run_script(argv, launcher=two_process_launcher(29547))
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2
+
+    import run_eval  # one process, the same model and images: the confusion counts summed over two agree
+
+    (summary,) = run_eval.main(
+        ["--model", str(out), "--dataset_name", str(semantic_folder), "--split", "validation", "--output_dir",
+         str(tmp_path / "eval"), "--num_workers", "0", "--gallery_max", "0"]
+    ).values()  # fmt: skip
+    for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
+        assert summary["class_map"][key] == pytest.approx(results[f"eval_class_map_{key}"], abs=1e-6)
+    assert summary["num_phrases"] == results["eval_samples"]
