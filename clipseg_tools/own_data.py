@@ -12,7 +12,8 @@ once with `datasets.map` over several processes and is cached by `datasets` like
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,18 +207,33 @@ def referring_to_rows(
     source = source.cast_column(
         columns.mask, _undecoded(source.features[columns.mask], columns.mask_flag(), where)
     )
-    converted = source.map(
-        _convert_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=source.column_names,
-        features=ROW_FEATURES,
-        fn_kwargs={"columns": columns, "where": where, "skip_bad": skip_bad, "local_root": local_root},
-        num_proc=num_proc,
-        desc=f"converting {where} to one row per image",
-    )
+    with no_leftovers(source):
+        converted = source.map(
+            _convert_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=source.column_names,
+            features=ROW_FEATURES,
+            fn_kwargs={"columns": columns, "where": where, "skip_bad": skip_bad, "local_root": local_root},
+            num_proc=num_proc,
+            desc=f"converting {where} to one row per image",
+        )
     skipped = len(split) - len(converted)
     return converted, skipped
+
+
+@contextmanager
+def no_leftovers(source: datasets.Dataset) -> Iterator[None]:
+    """A conversion that fails leaves no cache file behind: `datasets` writes each process's share of a map
+    as its own file, and the shares that did finish would stay beside the source's cache."""
+    folders = {Path(entry["filename"]).parent for entry in source.cache_files}
+    before = {path for folder in folders for path in folder.glob("cache-*.arrow")}
+    try:
+        yield
+    except BaseException:
+        for path in {path for folder in folders for path in folder.glob("cache-*.arrow")} - before:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _convert_batch(

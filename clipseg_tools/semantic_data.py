@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import CommandError
-from .own_data import BadRow, _encoded, _image_bytes, check_class_prompt_template, row_features
+from .own_data import BadRow, _encoded, _image_bytes, check_class_prompt_template, no_leftovers, row_features
 
 IGNORE_INDEX = 255
 
@@ -102,16 +102,17 @@ def semantic_to_rows(
         "skip_bad": skip_bad,
         "local_root": local_root,
     }
-    converted = source.map(
-        _convert_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=source.column_names,
-        features=row_features([id2label[i] for i in ids]),
-        fn_kwargs=options,
-        num_proc=num_proc,
-        desc=f"converting {where} to one row per image",
-    )
+    with no_leftovers(source):
+        converted = source.map(
+            _convert_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=source.column_names,
+            features=row_features([id2label[i] for i in ids]),
+            fn_kwargs=options,
+            num_proc=num_proc,
+            desc=f"converting {where} to one row per image",
+        )
     return converted, len(split) - len(converted)
 
 

@@ -268,3 +268,27 @@ def test_two_processes_train_on_semantic_data_and_score_the_maps_of_one(
     for key in ("mean_iou", "mean_accuracy", "overall_accuracy"):
         assert summary["class_map"][key] == pytest.approx(results[f"eval_class_map_{key}"], abs=1e-6)
     assert summary["num_phrases"] == results["eval_samples"]
+
+
+def test_a_conversion_that_fails_leaves_nothing_in_the_cache(tmp_path):
+    from clipseg_tools.data import load_splits
+
+    labels = [label_map()] * 9 + [np.full((6, 8), 9, dtype=np.uint8)]  # the last row's id is unnamed
+    (tmp_path / "src" / "data").mkdir(parents=True)
+    split_of(labels).to_parquet(tmp_path / "src" / "data" / "train-00000-of-00001.parquet")
+    (tmp_path / "src" / "id2label.json").write_text(json.dumps({str(k): v for k, v in ID2LABEL.items()}))
+    cache = tmp_path / "cache"
+    before = set(cache.rglob("cache-*.arrow"))
+    for processes in (None, 2):  # with two, the first process's share finishes before the second fails
+        with pytest.raises(CommandError, match="row 9: the label map holds class id"):
+            load_splits(
+                {"--split": "train"},
+                dataset_name=str(tmp_path / "src"),
+                cache_dir=str(cache),
+                num_proc=processes,
+            )
+        assert set(cache.rglob("cache-*.arrow")) == before
+    (split,) = load_splits(
+        {"--split": "train"}, dataset_name=str(tmp_path / "src"), cache_dir=str(cache), skip_bad=True
+    )
+    assert len(split) == 9
