@@ -42,3 +42,13 @@ def test_the_own_data_benchmark_times_conversion_and_samples_on_both_row_forms()
         "converted own rows (PNG masks)",
     }
     assert all(value > 0 for figures in results.values() for values in figures.values() for value in values)
+
+
+def test_the_presence_scores_roc_auc_and_best_accuracy_against_hand_counts():
+    import numpy as np
+    from presence_score import best_accuracy, roc_auc
+
+    present, absent = np.array([0.9, 0.4, 0.6]), np.array([0.5, 0.4, 0.1])
+    # pairs (p, a) with p > a: 0.9 beats 3, 0.6 beats 3, 0.4 beats 0.1 and ties 0.4 (a half): 7.5 of 9
+    assert roc_auc(present, absent) == 7.5 / 9
+    assert best_accuracy(present, absent) == (5 / 6, 0.5)  # present if > 0.5: 0.9, 0.6 right; 0.4 wrong
