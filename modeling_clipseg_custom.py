@@ -22,22 +22,26 @@ rounding):
 
 State-dict keys are exactly those of the CIDAS checkpoints (`clip.*`, `decoder.*`). This file imports only
 from `configuration.py` (relatively, as `trust_remote_code` needs), torch, transformers, numpy and Pillow
-(`predict` takes PIL images and arrays).
+(`predict` takes PIL images, arrays, file paths and URLs).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
@@ -54,6 +58,10 @@ except ImportError:
 # checkpoints.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The image-segmentation pipeline, saved next to the weights when it lies next to this file.
+PIPELINE_FILE = "pipeline_clipseg.py"
+# How long `predict` waits for an image or example image given by URL.
+URL_TIMEOUT_SECONDS = 30.0
 # What `compile_backbone` and `compile_decoder` compile: methods of the model instance.
 COMPILED_METHODS = {"backbone": ("_vision_blocks", "_text_features"), "decoder": ("_decode",)}
 
@@ -317,7 +325,30 @@ class ClipSegCustomModel(PreTrainedModel):
                 "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
                 "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
             )
-        return super().save_pretrained(*args, **kwargs)
+        saved = super().save_pretrained(*args, **kwargs)
+        save_directory = Path(kwargs.get("save_directory", args[0] if args else "."))
+        if kwargs.get("is_main_process", True):
+            self._save_pipeline(save_directory)
+        return saved
+
+    def _save_pipeline(self, save_directory: Path) -> None:
+        """The `image-segmentation` pipeline's file next to the weights, and the config entry that makes
+        `pipeline("image-segmentation", model=..., trust_remote_code=True)` build it (when the file is beside
+        this one: the project's checkout, or a model loaded with it)."""
+        source = Path(__file__).with_name(PIPELINE_FILE)
+        if not source.is_file():
+            return
+        shutil.copyfile(source, save_directory / PIPELINE_FILE)
+        config_file = save_directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["custom_pipelines"] = {
+            "image-segmentation": {
+                "impl": f"{PIPELINE_FILE.removesuffix('.py')}.ClipSegSegmentationPipeline",
+                "pt": ["AutoModel"],
+                "type": "multimodal",
+            }
+        }
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     # --- the forward pass ---
 
@@ -604,9 +635,12 @@ class ClipSegCustomModel(PreTrainedModel):
         """Probability maps per prompt at each image's original size.
 
         Args:
-            images: a PIL image or array (any size; RGBA, grayscale etc. are converted to RGB), or a list.
+            images: a PIL image, an array, a file path (`str` or `Path`) or an http(s) URL (any size; RGBA,
+                grayscale etc. are converted to RGB; files and URLs are turned upright by their EXIF
+                orientation, as transformers' `load_image` does), or a list of them.
             prompts: for one image, a phrase or example image, or a list of them; for a list of images, a list
-                with one such entry per image.
+                with one such entry per image. An example image is a PIL image, an array, a `Path` or an
+                http(s) URL; any other string is a phrase (an empty one is refused).
             processor: the `CLIPSegProcessor` the model was saved with (default: loaded from the model's folder).
                 Its tokenizer and normalisation are used, at the model's own input size `config.image_size`:
                 the size the model was trained at and `run_eval.py` scores it at, whatever size the processor
@@ -626,6 +660,10 @@ class ClipSegCustomModel(PreTrainedModel):
         prompt_lists = [p if isinstance(p, (list, tuple)) else [p] for p in prompt_lists]
         if not images or any(len(p) == 0 for p in prompt_lists):
             raise ValueError("every image needs at least one prompt")
+        prompt_lists = [
+            [read_prompt(p, f"prompts[{k}]" if single else f"prompts[{i}][{k}]") for k, p in enumerate(ps)]
+            for i, ps in enumerate(prompt_lists)
+        ]
         processor = processor or self._default_processor()
         pil_images = [to_rgb_image(image, f"images[{i}]") for i, image in enumerate(images)]
 
@@ -814,7 +852,10 @@ class ClipSegCustomModel(PreTrainedModel):
 
 
 def to_rgb_image(image: Any, name: str = "image") -> Image.Image:
-    """A PIL RGB image from a PIL image of any mode or an array (H, W), (H, W, 1|3|4), uint8 or float in [0, 1]."""
+    """A PIL RGB image from a PIL image of any mode, an array (H, W), (H, W, 1|3|4), uint8 or float in [0, 1],
+    or a file path or http(s) URL (`read_image`)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(image, name)
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, torch.Tensor):
@@ -829,6 +870,46 @@ def to_rgb_image(image: Any, name: str = "image") -> Image.Image:
     if array.dtype != np.uint8:
         array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
     return Image.fromarray(array).convert("RGB")
+
+
+def read_image(source: str | os.PathLike, name: str = "image") -> Image.Image:
+    """The image at a file path or an http(s) URL, decoded now and turned upright by its EXIF orientation (as
+    transformers' `load_image`, which reads the URLs, does). One that is missing or does not decode raises a
+    ValueError naming it."""
+    text = os.fsdecode(source)
+    if is_url(text):
+        from transformers.image_utils import load_image
+
+        try:
+            return load_image(text, timeout=URL_TIMEOUT_SECONDS)
+        except Exception as error:  # the network's errors and undecodable content, each its own type
+            raise ValueError(f"{name}: {text} could not be read as an image ({error})") from error
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"{name}: {text} " + ("is a folder" if path.is_dir() else "does not exist"))
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later in the processor
+            return ImageOps.exif_transpose(opened)  # a copy: the file is closed on return
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name}: {text} could not be read as an image ({error})") from error
+
+
+def read_prompt(prompt: Any, name: str = "prompt") -> Any:
+    """A prompt as `predict` uses it: a phrase, refused when empty, or an example image. A `Path` or an http(s)
+    URL is read as an example image; any other string is a phrase (a file name is a plausible phrase)."""
+    if isinstance(prompt, str) and not is_url(prompt):
+        if not prompt.strip():
+            raise ValueError(f"{name} is an empty phrase: give a phrase or an example image")
+        return prompt
+    if isinstance(prompt, (str, os.PathLike)):
+        return read_image(prompt, name)
+    return prompt
+
+
+def is_url(text: str) -> bool:
+    """An http(s) URL, not a phrase: the scheme and no spaces."""
+    return text.startswith(("http://", "https://")) and not any(c.isspace() for c in text)
 
 
 def make_processor(tokenizer: Any, image_size: int = 352) -> Any:

@@ -125,6 +125,18 @@ example image names. Trained with the clipseg-finetune project, starting from `{
 ## Use
 
 ```python
+from transformers import pipeline
+
+segmenter = pipeline("image-segmentation", model="{model_name}", trust_remote_code=True)
+for found in segmenter("photo.jpg", prompts=["a red car", "the sky"]):
+    print(found["label"], found["score"])  # score: the highest probability (low when absent)
+    found["mask"].save(f"{{found['label']}}.png")  # at the photo's size; threshold=None gives probabilities
+# multiclass=True: one map, each pixel to the prompt of highest probability (none below the threshold)
+```
+
+or the model's own `predict()`:
+
+```python
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
