@@ -31,6 +31,7 @@ from phrasecut_dataset.synthetic import single_object_images
 
 from .batching import row_masks
 from .files import atomic_folder
+from .pictures import captioned
 from .prompts import TEMPLATES
 from .tiny_clip import build_word_tokenizer, tiny_clip_configs
 from .transforms import decode_image, image_to_tensor
@@ -177,19 +178,16 @@ def save_sample_predictions(
 
 
 def draw_sample(model: Any, processor: Any, row: dict, i: int, folder: Path) -> str:
-    """One sample picture (and its phrases, a line each, in a text file beside it); returns its name."""
+    """One sample picture, each heat map captioned with its phrase and score (highest probability), and the
+    phrases, a line each, in a text file beside it; returns its name."""
     image = decode_image(row["image"])
     phrases = [task["phrase"] for task in row["tasks"]]
     maps = model.predict(image, phrases, processor=processor)[0]
-    tiles = [image]
-    for truth, heat in zip(row_masks(row, size=(image.height, image.width)), maps):
-        tiles.append(_heat_tile(heat.numpy()))
-        tiles.append(Image.fromarray((truth * 255).astype(np.uint8)).convert("RGB"))
-    sheet = Image.new("RGB", (sum(tile.width for tile in tiles), image.height), "white")
-    x = 0
-    for tile in tiles:
-        sheet.paste(tile, (x, 0))
-        x += tile.width
+    tiles, captions = [image], ["image"]
+    for phrase, truth, heat in zip(phrases, row_masks(row, size=(image.height, image.width)), maps):
+        tiles += [_heat_tile(heat.numpy()), Image.fromarray((truth * 255).astype(np.uint8)).convert("RGB")]
+        captions += [f'"{phrase}" {float(heat.max()):.2f}', "its ground truth"]
+    sheet = captioned(tiles, captions)
     name = f"{i:02d}_{row['image_id']}"
     sheet.save(folder / f"{name}.png")
     (folder / f"{name}.txt").write_text("\n".join(phrases) + "\n")

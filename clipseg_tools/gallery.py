@@ -24,6 +24,7 @@ from .batching import PhraseIndex, evaluation_loader  # noqa: E402
 from .evaluation import EvaluationResult, predict_logits  # noqa: E402
 from .files import atomic_folder  # noqa: E402
 from .metrics import low_iou_samples  # noqa: E402
+from .pictures import caption_font  # noqa: E402
 from .transforms import decode_image, model_inputs  # noqa: E402
 
 FAILURE_RANGE = (0.1, 0.5)
@@ -109,7 +110,9 @@ def failure_picture(
     sheet = Image.new("RGB", (3 * size[0], TILE_HEIGHT + 28), "white")
     for k, tile in enumerate([base, Image.fromarray(overlay.clip(0, 255).astype(np.uint8)), truth_tile]):
         sheet.paste(tile, (k * size[0], 0))
-    ImageDraw.Draw(sheet).text((4, TILE_HEIGHT + 6), f'"{phrase}"  best IoU {iou:.3f}', fill="black")
+    ImageDraw.Draw(sheet).text(
+        (4, TILE_HEIGHT + 4), f'"{phrase}"  best IoU {iou:.3f}', fill="black", font=caption_font()
+    )
     return sheet
 
 
