@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -34,7 +34,7 @@ from clipseg_tools import checkpoints, run_folder
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
 from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_confusion, class_names, mean_iou_scores
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
-from clipseg_tools.data import load_splits, shrink_images
+from clipseg_tools.data import canonical_split, load_source, load_splits, shrink_images
 from clipseg_tools.errors import FAILED, CommandError
 from clipseg_tools.evaluation import evaluate, images_scored
 from clipseg_tools.files import atomic_folder, removed_if_left_empty
@@ -50,6 +50,15 @@ from clipseg_tools.own_data import (
 )
 from clipseg_tools.prompts import TEMPLATES
 from clipseg_tools.sources import load_error, model_source_problem
+from clipseg_tools.streaming import (
+    StreamedSamples,
+    epoch_batches,
+    process_stream,
+    resumed_positions,
+    row_form,
+    start_position,
+    stream_loader,
+)
 from clipseg_tools.training import (
     RECIPE_LEARNING_RATE,
     RECIPE_WEIGHT_DECAY,
@@ -88,6 +97,7 @@ POSITIVE_FLAGS = (
     "logging_steps",
     "per_device_eval_batch_size",
     "ddp_timeout",
+    "shuffle_buffer_size",
 )
 # What `args` carries beside the flags (a secret, and what the data turned out to be): not the configuration.
 NOT_FLAGS = ("hub_token", "card_notes", "phrasecut", "validation_held_out")
@@ -115,6 +125,8 @@ RESUMABLE_SETTINGS = (
     "mix_text_max",
     "decoder_dropout",
     "seed",
+    "streaming",
+    "shuffle_buffer_size",
 )
 
 
@@ -154,6 +166,18 @@ def add_data_arguments(group: argparse._ArgumentGroup) -> None:
     add("--train_split", default="train", help="the split trained on")
     add("--validation_split", default="validation", help="the split evaluated on (during and after training)")
     add("--cache_dir", help="where prepared datasets and downloads are cached")
+    add(
+        "--streaming",
+        action="store_true",
+        help="read the training split of --dataset_name as a stream, converting rows as they come, for data too "
+        "large for one disk (the validation split's first --max_eval_images rows are loaded as usual)",
+    )
+    add(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="--streaming: rows shuffled at a time (seeded by --seed, reshuffled each epoch)",
+    )
     add("--skip_bad_samples", action="store_true", help="skip broken entries of --data_dir (and count them)")
     add(
         "--dataloader_num_workers",
@@ -286,6 +310,7 @@ def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
     add("--hub_model_id", help="namespace/name of the model repository")
     add("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
     add("--hub_private_repo", action="store_true", help="create the repository private")
+    add("--push_space", action="store_true", help="also push a web demo Space, <hub_model_id>-demo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,6 +337,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist or is not a folder")
+    if args.streaming:
+        check_streaming(parser, args)
     check_values(parser, args)
     if args.model_name_or_path:
         changed = [flag for flag in ARCHITECTURE_FLAGS if getattr(args, flag) != parser.get_default(flag)]
@@ -371,11 +398,45 @@ def check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         )
 
 
+def check_streaming(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--streaming reads rows one by one from a Hub id or a local folder of Parquet files: what needs the
+    whole data at hand is refused."""
+    from clipseg_tools.coco_data import is_coco_folder
+
+    if args.data_dir:
+        parser.error(
+            "--streaming reads a Hub id or a local Parquet folder (--dataset_name), and --data_dir (a raw PhraseCut "
+            "folder) is prepared whole: drop --streaming, or stream its export (python -m phrasecut_dataset.publish)"
+        )
+    if is_coco_folder(args.dataset_name):
+        parser.error(
+            f"--streaming reads rows of Parquet files, and --dataset_name {args.dataset_name} is a COCO folder, "
+            "converted whole from its annotation files: drop --streaming"
+        )
+    if args.mix_visual_prompts:
+        parser.error(
+            "--mix_visual_prompts takes example images from other images of the same phrase, which a stream "
+            "cannot reach: drop --mix_visual_prompts or --streaming"
+        )
+    if args.shrink_train_images:
+        parser.error(
+            "--shrink_train_images stores the training images once at the model's size, and a stream is never "
+            "stored: drop --shrink_train_images or --streaming"
+        )
+
+
 def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--demo brings its own data, CLIP and recipe: a flag it would silently override is refused."""
     from clipseg_tools.demo import DEMO_RECIPE
 
-    sources = ("data_dir", "dataset_name", "cache_dir", "model_name_or_path", "clip_model_name_or_path")
+    sources = (
+        "data_dir",
+        "dataset_name",
+        "streaming",
+        "cache_dir",
+        "model_name_or_path",
+        "clip_model_name_or_path",
+    )
     given = [f"--{key}" for key in (*DEMO_RECIPE, *sources) if getattr(args, key) != parser.get_default(key)]
     if given:
         parser.error(f"--demo uses its own data, CLIP and recipe: drop {', '.join(given)}")
@@ -394,6 +455,10 @@ def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     check_output_dir(parser, args)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id namespace/name")
+    if args.push_space and not (args.push_to_hub and "/" in args.hub_model_id):
+        parser.error(
+            "--push_space needs --push_to_hub and --hub_model_id namespace/name (the Space loads it by that id)"
+        )
     if args.with_tracking:
         check_trackers(parser, args.report_to)
 
@@ -509,7 +574,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         raise CommandError(
             f"--validation_split {args.validation_split} has no images: give a split that has some"
         )
-    samples, train_loader = training_data(args, accelerator, model, processor, train_split)
+    _, train_loader = training_data(args, accelerator, model, processor, train_split)
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
     # kernels for the head's 3x3 convolution.
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
@@ -533,13 +598,15 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     )
     if args.resume_from_checkpoint:
         state = resume(args, accelerator, state)
+    if args.streaming:
+        state.stream_positions = stream_positions(accelerator, state, train_loader.num_workers)
     # This run's flags, over what a checkpoint's optimizer state brought back (the learning rate: each step).
     set_hyperparameters(optimizer, weight_decay=args.weight_decay, betas=betas, eps=args.adam_epsilon)
     if args.with_tracking:
         config = training_config(args, accelerator)
         scalars = {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers("clipseg_finetune", scalars)
-    log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable)
+    log_start(args, accelerator, train_split, train_loader, eval_split, state, backbone_dtype, trainable)
 
     evaluator = partial(run_evaluation, args, accelerator, split=eval_split, processor=processor)
     train_loop(args, accelerator, model, optimizer, train_loader, state, evaluator)
@@ -568,6 +635,16 @@ def resume(args, accelerator, state: checkpoints.TrainerState) -> checkpoints.Tr
         checkpoints.set_aside_after(checkpoint, output_dir)
     accelerator.wait_for_everyone()
     return checkpoints.load(accelerator, checkpoint, state)
+
+
+def stream_positions(accelerator: Accelerator, state: checkpoints.TrainerState, workers: int) -> list[dict]:
+    """--streaming: every process's place in its stream: where the resumed checkpoint left it (what that
+    means is logged), else at the start."""
+    if state.global_step == 0 and not state.stream_positions:
+        return [start_position(workers) for _ in range(accelerator.num_processes)]
+    positions, said = resumed_positions(state.stream_positions, accelerator.num_processes, workers)
+    logger.info(f"--streaming: {said}")
+    return positions
 
 
 def learning_rate_at(args: argparse.Namespace, step: int) -> float:
@@ -652,6 +729,8 @@ def float32_model(args: argparse.Namespace, accelerator: Accelerator, model: Any
 
 def load_data(args: argparse.Namespace, accelerator: Accelerator, image_size: int) -> tuple[Any, Any]:
     """The training and validation splits (the first process prepares them, the others read the cache)."""
+    if args.streaming:
+        return load_streamed_data(args, accelerator)
     notes: dict[str, str] = {}
     train_split, eval_split = load_splits(
         {"--train_split": args.train_split, "--validation_split": args.validation_split},
@@ -676,9 +755,38 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator, image_size: in
     return train_split, eval_split
 
 
-def training_data(args, accelerator, model, processor, split) -> tuple[TrainingSamples, Any]:
-    """The training samples (uniform over phrases) and their loader."""
-    options = TrainingOptions(
+def load_streamed_data(args: argparse.Namespace, accelerator: Accelerator) -> tuple[Any, Any]:
+    """--streaming: the training split as a stream (read as training goes), and the first --max_eval_images
+    rows of the validation split, converted as usual. Nothing can be held out of a stream ahead: a validation
+    split the data lacks is refused."""
+    streams = load_source(args.dataset_name, args.dataset_config_name, args.cache_dir, streaming=True)
+    source, found = f"--dataset_name {args.dataset_name}", sorted(streams)
+    if canonical_split(args.train_split) not in streams:
+        raise CommandError(f"--train_split {args.train_split!r}: {source} has no such split (it has {found})")
+    if canonical_split(args.validation_split) not in streams:
+        raise CommandError(
+            f"--validation_split {args.validation_split!r}: {source} has no such split (it has {found}), and with "
+            "--streaming no share of the training split can be held out for it: give a --validation_split that "
+            "exists, or drop --streaming"
+        )
+    (eval_split,) = load_splits(
+        {"--validation_split": args.validation_split},
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad_samples,
+        accelerator=accelerator,
+        source_options=columns_from(args),
+        num_proc=args.dataloader_num_workers or None,
+        stream_rows=args.max_eval_images,
+    )
+    args.validation_held_out = None
+    args.phrasecut = is_phrasecut(eval_split)
+    return streams[canonical_split(args.train_split)], eval_split
+
+
+def training_options(args: argparse.Namespace, model: Any, ignore_regions: bool) -> TrainingOptions:
+    return TrainingOptions(
         image_size=model.config.image_size,
         phrases_per_image=args.phrases_per_image,
         negative_prob=args.negative_prob,
@@ -687,11 +795,19 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
         visual_prompts=args.mix_visual_prompts,
         mix_text_min=args.mix_text_min,
         mix_text_max=args.mix_text_max,
-        ignore_regions=has_ignore_regions(split),
+        ignore_regions=ignore_regions,
         seed=args.seed,
     )
-    samples = TrainingSamples(split, PhraseIndex.from_dataset(split), options)
+
+
+def training_data(args, accelerator, model, processor, split) -> tuple[Any, Any]:
+    """The training samples (uniform over phrases; with --streaming one per row of this process's share of
+    the stream) and their loader."""
     images_per_batch = args.per_device_train_batch_size // args.phrases_per_image
+    if args.streaming:
+        return streamed_training_data(args, accelerator, model, processor, split, images_per_batch)
+    options = training_options(args, model, has_ignore_regions(split))
+    samples = TrainingSamples(split, PhraseIndex.from_dataset(split), options)
     if len(samples) < images_per_batch * accelerator.num_processes:
         raise CommandError(f"the training split has {plural(len(samples), 'phrase')}, fewer than one batch")
     loader = training_loader(
@@ -708,6 +824,36 @@ def training_data(args, accelerator, model, processor, split) -> tuple[TrainingS
     return samples, loader
 
 
+def streamed_training_data(args, accelerator, model, processor, stream, images_per_batch) -> tuple[Any, Any]:
+    """--streaming: samples from this process's share of the stream, and their loader. `datasets` gives each
+    data-loader worker whole shards (files): more workers than shards would idle."""
+    where = f"the {args.train_split} split of --dataset_name {args.dataset_name}"
+    local_root = args.dataset_name if Path(args.dataset_name).is_dir() else None
+    form = row_form(stream, columns_from(args), where, args.dataset_name, args.cache_dir, local_root)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    stream = process_stream(stream, args.seed, args.shuffle_buffer_size, rank, processes)
+    options = training_options(args, model, form.ignore_regions)
+    samples = StreamedSamples(stream, form, options, rank, where, args.skip_bad_samples)
+    workers = min(args.dataloader_num_workers, stream.num_shards)
+    if workers < args.dataloader_num_workers:
+        logger.info(
+            f"--streaming: {plural(workers, 'data-loader worker')} per process, not --dataloader_num_workers "
+            f"{args.dataloader_num_workers}: `datasets` gives each worker whole shards (files), and each process's "
+            f"share of the stream has {plural(stream.num_shards, 'shard')}"
+        )
+    loader = stream_loader(
+        samples,
+        processor.tokenizer,
+        model.config.text_config.max_position_embeddings,
+        images_per_batch=images_per_batch,
+        device=accelerator.device,
+        num_workers=workers,
+        seed=args.seed,
+        pad_to_multiple_of=16 if args.compile else None,
+    )
+    return samples, loader
+
+
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
     config.update(num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
@@ -717,7 +863,9 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[
     return config
 
 
-def log_start(args, accelerator, train_split, samples, eval_split, state, backbone_dtype, trainable) -> None:
+def log_start(
+    args, accelerator, train_split, train_loader, eval_split, state, backbone_dtype, trainable
+) -> None:
     """What is about to run, in one block (the numbers a reader checks before leaving a run alone)."""
     processes = accelerator.num_processes
     total = training_config(args, accelerator)["total_batch_size"]
@@ -734,10 +882,13 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
         precision += (
             " (from the Accelerate config; `accelerate launch --mixed_precision no` trains a CPU in float32)"
         )
+    if args.streaming:  # a stream's length is not known ahead
+        data = f"streamed, one sample per row, shuffled {args.shuffle_buffer_size:,} rows at a time"
+    else:
+        data = f"{plural(len(train_split), 'image')} with {plural(len(train_loader.dataset), 'phrase')}"
     lines = [
         "***** Running training *****",
-        f"  Training data: {plural(len(train_split), 'image')} with {plural(len(samples), 'phrase')} "
-        f"(split {args.train_split})",
+        f"  Training data: {data} (split {args.train_split})",
         f"  Evaluation: {plural(eval_images, 'image')} of split {args.validation_split}"
         + (f" ({args.validation_held_out})" if getattr(args, "validation_held_out", None) else "")
         + f", {when}",
@@ -748,7 +899,7 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
         f"  Optimizer: AdamW, learning rate {args.learning_rate:g}{warmup}, {schedule}, weight decay {args.weight_decay:g}",
         f"  Device: {accelerator.device.type}, mixed precision {precision}; the frozen CLIP computes in "
         f"{str(backbone_dtype).removeprefix('torch.')}; {plural(torch.get_num_threads(), 'torch thread')}",
-        f"  Data-loader workers: {args.dataloader_num_workers} per process",
+        f"  Data-loader workers: {train_loader.num_workers} per process",
         f"  Trainable parameters: {sum(p.numel() for p in trainable):,} (the decoder; CLIP stays frozen)",
         f"  Output: {args.output_dir}",
     ]
@@ -763,7 +914,6 @@ def log_start(args, accelerator, train_split, samples, eval_split, state, backbo
 def train_loop(args, accelerator, model, optimizer, train_loader, state, evaluator) -> None:
     """Optimizer steps until --max_train_steps, from where `state` is; logs, checkpoints and evaluations on
     the way. `state` is updated in place (each checkpoint stores it)."""
-    batches_per_epoch = len(train_loader)
     progress = tqdm(
         total=args.max_train_steps,
         initial=state.global_step,
@@ -774,10 +924,7 @@ def train_loop(args, accelerator, model, optimizer, train_loader, state, evaluat
     set_hyperparameters(optimizer, lr=learning_rate_at(args, state.global_step))
     model.train()
     while state.global_step < args.max_train_steps:
-        epoch, skip = divmod(state.consumed_batches, batches_per_epoch)
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
-        for batch in loader:
+        for batch in epoch_loader(args, accelerator, train_loader, state):
             state.consumed_batches += 1
             training_step(accelerator, model, optimizer, batch, tally, args.max_grad_norm)
             if not accelerator.sync_gradients:
@@ -789,6 +936,16 @@ def train_loop(args, accelerator, model, optimizer, train_loader, state, evaluat
             if state.global_step >= args.max_train_steps:
                 break
     progress.close()
+
+
+def epoch_loader(args, accelerator, train_loader, state) -> Iterable[dict[str, Any]]:
+    """The batches of the epoch the run is in, from where `state` says it is in it."""
+    if args.streaming:  # each process's own place in its own share of the stream
+        return epoch_batches(train_loader, state.stream_positions, accelerator.process_index)
+    epoch, skip = divmod(state.consumed_batches, len(train_loader))
+    loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+    loader.set_epoch(epoch)  # the prepared loader sets the sampler's epoch from its own counter
+    return loader
 
 
 def after_step(args, accelerator, model, optimizer, progress, tally, state, evaluator) -> None:
@@ -809,6 +966,8 @@ def after_step(args, accelerator, model, optimizer, progress, tally, state, eval
         if args.with_tracking:
             accelerator.log(logs, step=step)
     if checkpoint_due:
+        if args.streaming:  # every process's place in its stream, for the main process to save (in place)
+            state.stream_positions[:] = gather_object([state.stream_positions[accelerator.process_index]])
         checkpoints.save(accelerator, Path(args.output_dir), state, args.checkpoints_total_limit)
     if args.eval_steps and step % args.eval_steps == 0 and not last:
         metrics = evaluator(model, description=f"evaluating at step {step}")
@@ -919,6 +1078,11 @@ def push_model(args: argparse.Namespace) -> str:
         commit_message="Upload model trained with clipseg-finetune",
     )
     logger.info(f"Pushed {args.output_dir} to {url}")
+    if args.push_space:
+        from clipseg_tools.space import push_space
+
+        space = push_space(args.hub_model_id, private=args.hub_private_repo, token=args.hub_token)
+        logger.info(f"Pushed the web demo to {space}")
     return url
 
 

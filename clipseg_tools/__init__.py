@@ -15,7 +15,9 @@
 - `sam3_compare`: transformers' SAM 3 behind the evaluation's model interface (`run_eval.py --compare sam3:`);
 - `model_card`, `hub`, `sources`: the card, pushing to the Hub, where models come from;
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;
-- `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates.
+- `predict_command`: masks, overlays and scores for a folder of images (`run_predict.py`, `clipseg-predict`);
+- `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates;
+- `demo_views`, `space`: the web demo's pictures (`app.py`), and the Hub Space that serves it.
 
 `errors`, `files`, `hub` and `cli` import nothing else of the project, so the dataset package
 (`phrasecut_dataset`) can use them; the other modules may import the dataset package, never the other way

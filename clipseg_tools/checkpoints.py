@@ -53,6 +53,9 @@ class TrainerState:
     global_step: int = 0
     consumed_batches: int = 0  # data-loader batches drawn over all epochs: where the data order resumes
     nonfinite_losses: int = 0  # optimizer steps skipped for a NaN or infinite loss
+    # --streaming: each process's place in its stream, by process index (`streaming.start_position`): the
+    # epoch, and the rows each data-loader worker had handed to the training loop in it.
+    stream_positions: list[dict[str, Any]] | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
     # What changes the numbers without changing the weights' shapes: a resumed run must have the same
     # (None: not recorded, as in older checkpoints).

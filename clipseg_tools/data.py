@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ def load_splits(
     hold_out: tuple[str, float, int] | None = None,
     num_proc: int | None = None,
     notes: dict[str, str] | None = None,
+    stream_rows: int | None = None,
 ) -> list[datasets.Dataset]:
     """The splits named by `wanted` (flag -> split name, e.g. {"--split": "test"}), in its order, images left as
     bytes (a transform decodes each image once for all its phrases).
@@ -51,8 +53,10 @@ def load_splits(
     COCO): the project's export, or the user's own data (referring rows, semantic label maps or COCO instances,
     read as `source_options` say), converted once and cached. With
     `hold_out` (flag, percentage, seed), that flag's split, when the data has none, is a seeded share of the
-    first split's rows, and `notes[flag]` says so. A split that is missing, or rows of another form, end with one sentence naming the
-    flags (`CommandError`).
+    first split's rows, and `notes[flag]` says so. With `stream_rows` (`dataset_name` only), the splits are
+    streamed, not downloaded whole, and the first `stream_rows` rows of each (all of them with 0) converted: the
+    validation split of a data set too large to download (`run_train.py --streaming`). A split that is missing,
+    or rows of another form, end with one sentence naming the flags (`CommandError`).
     """
     names = {flag: canonical_split(name) for flag, name in wanted.items()}
     source = f"--data_dir {data_dir}" if data_dir else f"--dataset_name {dataset_name}"
@@ -70,11 +74,7 @@ def load_splits(
             return load_phrasecut(
                 data_dir, cache_dir=cache_dir, splits=sorted(set(names.values())), skip_bad=skip_bad
             )
-        try:
-            return datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-        except (OSError, ValueError) as error:
-            what = f"{source} (a Hub id or a local folder of Parquet files or images)"
-            raise load_error(f"{what} could not be loaded", dataset_name, error, "dataset") from error
+        return load_source(dataset_name, dataset_config_name, cache_dir, streaming=stream_rows is not None)
 
     def prepared() -> tuple[dict[str, datasets.Dataset], list[str]]:
         splits = load()
@@ -89,8 +89,9 @@ def load_splits(
                 )
                 continue
             local_root = dataset_name if dataset_name and Path(dataset_name).is_dir() else None
+            split = splits[name] if stream_rows is None else first_rows(splits[name], stream_rows)
             found[flag] = in_project_form(
-                splits[name], where, options, skip_bad, num_proc, local_root, dataset_name, cache_dir
+                split, where, options, skip_bad, num_proc, local_root, dataset_name, cache_dir
             )
         return found, sorted(splits)
 
@@ -120,6 +121,25 @@ def load_splits(
         check_embedded_images(split, name, source)
         loaded.append(split)
     return loaded
+
+
+def load_source(
+    dataset_name: str, config_name: str | None, cache_dir: str | None, streaming: bool = False
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """`--dataset_name`'s splits as `datasets` reads them, downloaded and prepared, or as streams (nothing
+    downloaded ahead); a source that cannot be read ends with one sentence naming it."""
+    try:
+        return datasets.load_dataset(dataset_name, config_name, cache_dir=cache_dir, streaming=streaming)
+    except (OSError, ValueError) as error:
+        what = f"--dataset_name {dataset_name} (a Hub id or a local folder of Parquet files or images)"
+        raise load_error(f"{what} could not be loaded", dataset_name, error, "dataset") from error
+
+
+def first_rows(stream: datasets.IterableDataset, count: int) -> datasets.Dataset:
+    """The first `count` rows of a streamed split (every row with 0), in memory, images kept as stored (not
+    decoded and encoded again)."""
+    stream = stream.decode(False)
+    return datasets.Dataset.from_list(list(islice(stream, count or None)), features=stream.features)
 
 
 def in_project_form(

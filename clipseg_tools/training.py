@@ -201,7 +201,11 @@ def backbone_dtype_for(choice: str, mixed_precision: str) -> torch.dtype:
 def prepare_for_training(accelerator: Any, model: Any, optimizer: Any, loader: Any) -> tuple:
     """Accelerate's preparation, except that the loader's batches stay on the host (pinned on a GPU machine):
     `model_inputs` copies them without blocking, where Accelerate's placement copies them blocking, which
-    waits for the device's queue to drain (the previous step) before every batch."""
+    waits for the device's queue to drain (the previous step) before every batch. A stream's loader (an
+    IterableDataset, split between the processes already: `streaming`) is left as it is: Accelerate would
+    have the first process read every batch and hand the others their parts."""
+    if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        return (*accelerator.prepare(model, optimizer), loader)
     return accelerator.prepare(model, optimizer, loader, device_placement=[None, None, False])
 
 
