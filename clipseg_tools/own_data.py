@@ -160,16 +160,25 @@ class BadRow(CommandError):
 
 
 def _undecoded(feature: Any, flag: str, where: str) -> Any:
-    """The mask column's type with its images left encoded: an Image, or a list of them."""
+    """The mask column's type with its images left encoded (an Image, or a list of them), or None when it holds
+    COCO-style segmentations (polygons or RLE, or lists of them), read as they are."""
     if isinstance(feature, datasets.Image):
         return datasets.Image(decode=False)
     inner = getattr(feature, "feature", None)
     if isinstance(feature, datasets.List | datasets.Sequence | list) and isinstance(inner, datasets.Image):
         return datasets.List(datasets.Image(decode=False))
-    raise CommandError(
-        f"{where}: the {flag} column holds {feature}, not images: give a column of binary mask images (or lists "
-        "of them)"
-    )
+    while isinstance(
+        getattr(feature, "feature", None), datasets.Value | datasets.List | datasets.Sequence | dict
+    ):
+        feature = feature.feature  # lists of polygons or of RLE: what they hold
+    if isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and not feature.dtype.startswith(("int", "uint", "float"))
+    ):
+        raise CommandError(
+            f"{where}: the {flag} column holds {feature}, not masks: give binary mask images, polygons or COCO RLE "
+            "(or lists of them)"
+        )
+    return None
 
 
 def is_phrasecut(split: datasets.Dataset) -> bool:
@@ -204,9 +213,9 @@ def referring_to_rows(
     a file instead of holding bytes (an imagefolder) are read only inside `local_root`, the data set's folder."""
     check_columns(split, columns, where)
     source = split.cast_column(columns.image, datasets.Image(decode=False))
-    source = source.cast_column(
-        columns.mask, _undecoded(source.features[columns.mask], columns.mask_flag(), where)
-    )
+    mask_type = _undecoded(source.features[columns.mask], columns.mask_flag(), where)
+    if mask_type is not None:
+        source = source.cast_column(columns.mask, mask_type)
     with no_leftovers(source):
         converted = source.map(
             _convert_batch,
@@ -263,15 +272,16 @@ def convert_row(
     """One source row: its image (bytes kept as they are), and one task per mask with its prompts (the first
     as `phrase`, the others as `other_phrases`)."""
     data, (width, height) = _image_bytes(_encoded(image_cell, "image", local_root))
-    masks = mask_cells if isinstance(mask_cells, list) else [mask_cells]
-    per_mask = prompts if isinstance(mask_cells, list) else [prompts]
+    several = isinstance(mask_cells, list) and not is_segmentation(mask_cells)
+    masks = mask_cells if several else [mask_cells]
+    per_mask = prompts if several else [prompts]
     if not isinstance(per_mask, list) or len(per_mask) != len(masks):
         raise BadRow(
             f"{len(masks)} mask(s) but prompts {prompts!r}: give one prompt, or a list of them, per mask"
         )
     tasks = []
     for m, (mask_cell, mask_prompts) in enumerate(zip(masks, per_mask, strict=True)):
-        mask = _mask_png(_encoded(mask_cell, f"mask {m}", local_root), width, height, m)
+        mask = _stored_mask(mask_cell, width, height, m, local_root)
         wordings = mask_prompts if isinstance(mask_prompts, list) else [mask_prompts]
         for prompt in wordings:
             if not isinstance(prompt, str) or not prompt.strip():
@@ -297,6 +307,34 @@ def convert_row(
         "ignore": b"",
         "tasks": tasks,
     }
+
+
+def is_segmentation(cell: Any) -> bool:
+    """A COCO-style segmentation: RLE (counts and size) or polygons (lists of x, y numbers)."""
+    if isinstance(cell, dict):
+        return {"counts", "size"} <= set(cell)
+    return (
+        isinstance(cell, list)
+        and bool(cell)
+        and all(isinstance(p, list) and all(isinstance(v, int | float) for v in p) for p in cell)
+    )
+
+
+def _stored_mask(cell: Any, width: int, height: int, m: int, local_root: str | None) -> bytes:
+    """A mask cell (an image, or polygons or RLE) as the 1-bit PNG a task stores, checked."""
+    if not is_segmentation(cell):
+        return _mask_png(_encoded(cell, f"mask {m}", local_root), width, height, m)
+    from .coco_data import decode_segmentation  # it builds on this module
+
+    try:
+        mask = decode_segmentation(cell, height, width)
+    except ValueError as error:
+        raise BadRow(f"mask {m}: {error}") from None
+    if not mask.any():
+        raise BadRow(f"mask {m} is empty (no pixel of the region)")
+    encoded = io.BytesIO()
+    Image.fromarray(mask).save(encoded, format="PNG")
+    return encoded.getvalue()
 
 
 def _encoded(cell: Any, what: str, local_root: str | None) -> bytes:

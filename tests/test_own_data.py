@@ -186,3 +186,39 @@ def test_a_training_sample_draws_one_wording_of_its_mask_per_step(referring_fold
     drawn = [samples[epoch * len(samples) + first]["phrases"][0] for epoch in range(12)]
     assert set(drawn) == {task["phrase"], *task["other_phrases"]}
     assert drawn == [samples[epoch * len(samples) + first]["phrases"][0] for epoch in range(12)]  # seeded
+
+
+def test_masks_given_as_polygons_or_coco_rle_become_the_same_stored_masks():
+    from clipseg_tools.batching import task_mask
+    from clipseg_tools.coco_data import encode_rle
+
+    image = png(np.full((30, 40, 3), 90, dtype=np.uint8))
+    square = np.zeros((30, 40), dtype=bool)
+    square[5:15, 10:20] = True
+    polygon = [[10, 5, 19, 5, 19, 14, 10, 14]]  # COCO polygons: per mask a list of flat x, y lists
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "rle": datasets.List(
+                {"counts": datasets.Value("string"), "size": datasets.List(datasets.Value("int64"))}
+            ),
+            "polygons": datasets.List(datasets.List(datasets.List(datasets.Value("float64")))),
+            "prompt": datasets.List(datasets.Value("string")),
+        }
+    )
+    rle = encode_rle(square, compressed=True)
+    split = datasets.Dataset.from_dict(
+        {"image": [image], "rle": [[rle, rle]], "polygons": [[polygon, polygon]], "prompt": [["a", "b"]]},
+        features=features,
+    )
+    for column in ("rle", "polygons"):
+        rows, _ = referring_to_rows(split, ReferringColumns(mask=column), "my split")
+        (row,) = rows
+        assert [t["phrase"] for t in row["tasks"]] == ["a", "b"]
+        for task in row["tasks"]:
+            assert (task_mask(task, row, 30, 40) == square).all()
+    bad = split.map(lambda r: {"rle": [{"counts": "02", "size": [30, 40]}] * 2})
+    with pytest.raises(CommandError, match=r"row 0: mask 0: its RLE counts cover .*--skip_bad_samples"):
+        referring_to_rows(bad, ReferringColumns(mask="rle"), "my split")
+    with pytest.raises(CommandError, match="the --mask_column prompt column holds .* not masks"):
+        referring_to_rows(split, ReferringColumns(mask="prompt", prompt="prompt"), "my split")
