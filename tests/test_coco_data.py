@@ -405,3 +405,25 @@ def test_training_and_evaluation_on_a_coco_folder(tmp_path, tiny_clip_dir):
     assert summary["num_phrases"] == sum(
         len(r["tasks"]) for r in coco_to_rows(folder, "val", crowd="keep")[0]
     )
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_a_coco_folder(tmp_path, tiny_clip_dir):
+    from conftest import two_process_launcher
+    from test_train import run_script, train_args
+
+    from clipseg_tools.own_synthetic import write_coco
+
+    folder = write_coco(tmp_path / "coco", {"train": 16, "val": 4}, seed=4)
+    out = tmp_path / "out"
+    argv = train_args(
+        folder, tiny_clip_dir, out, "--max_train_steps", "3", "--cache_dir", str(tmp_path / "cache")
+    )
+    argv[argv.index("--data_dir")] = "--dataset_name"
+    result = run_script(argv, launcher=two_process_launcher(29553))
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["num_processes"] == 2 and len(set(results["decoder_checksum_per_process"])) == 1
+    # Both processes read the one conversion the first made: every prompt of the split scored once.
+    assert results["eval_samples"] == sum(len(r["tasks"]) for r in coco_to_rows(folder, "val")[0])
+    assert len(list((tmp_path / "cache" / "coco_rows").glob("val-*.arrow"))) == 1
