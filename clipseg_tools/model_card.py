@@ -59,11 +59,13 @@ def public_config(config: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def eval_results(metrics: dict[str, float], dataset_name: str, split: str) -> list[EvalResult]:
+def eval_results(
+    metrics: dict[str, float], dataset_name: str, split: str, phrasecut: bool = True
+) -> list[EvalResult]:
     return [
         EvalResult(
             task_type="image-segmentation",
-            task_name="Referring expression segmentation",
+            task_name="Referring expression segmentation" if phrasecut else "Text-prompted segmentation",
             dataset_type=dataset_name.lower(),
             dataset_name=dataset_name,
             dataset_split=split,
@@ -101,7 +103,7 @@ def write_model_card(
         tags=["clipseg", "image-segmentation", "referring-expression-segmentation", "custom_code"],
         datasets=[dataset_name] if "/" in dataset_name else None,
         base_model=base_model if "/" in base_model else None,
-        eval_results=eval_results(metrics, dataset_name, eval_split) or None,
+        eval_results=eval_results(metrics, dataset_name, eval_split, phrasecut) or None,
     )
     rows = "\n".join(
         f"| {label} | {metrics[key]:.4f} |" for key, label in CARD_METRICS.items() if key in metrics

@@ -68,6 +68,7 @@ def test_training_and_evaluation_on_your_own_data(tmp_path, referring_folder, ti
     card = (out / "README.md").read_text()
     assert "10% of 'train' held out" in card and "my_data (see its own card)" in card
     assert "PhraseCut: Language-based" not in card
+    assert "name: Text-prompted segmentation" in card  # the model-index does not call it referring expressions
     assert json.loads((out / "all_results.json").read_text())["eval_samples"] > 0
 
     import run_eval
