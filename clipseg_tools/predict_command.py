@@ -380,7 +380,7 @@ def overlay(photo: Image.Image, mask: np.ndarray, colour: tuple[int, int, int]) 
     whatever its colour and the photo's (the outline's width grows with the image)."""
     from scipy.ndimage import maximum_filter, minimum_filter
 
-    pixels = np.array(photo, dtype=np.float32)
+    pixels = np.array(photo.convert("RGB"), dtype=np.float32)  # grey, RGBA, palette, CMYK photos too
     pixels[mask] = pixels[mask] * (1 - TINT) + np.asarray(colour, dtype=np.float32) * TINT
     pixels[~mask] *= DIM
     width = 2 * max(1, round(min(mask.shape) / 200)) + 1

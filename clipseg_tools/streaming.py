@@ -96,7 +96,8 @@ class RowForm:
         if self.kind == "semantic":
             return []
         prompts = raw[self.columns.prompt]
-        per_mask = prompts if isinstance(raw[self.columns.mask], list) else [prompts]
+        mask = raw[self.columns.mask]
+        per_mask = prompts if isinstance(mask, list) and not own_data.is_segmentation(mask) else [prompts]
         first = [cell[0] if isinstance(cell, list) and cell else cell for cell in per_mask or []]
         return [p.strip() for p in first if isinstance(p, str) and p.strip()]
 

@@ -278,3 +278,19 @@ def test_predict_takes_paths_and_urls_as_images_and_example_images(tmp_path, loa
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="broken.png could not be read as an image"):
         model.predict(photo, [tmp_path / "broken.png"], processor=processor)
+
+
+def test_grey_rgba_palette_and_cmyk_photos_are_segmented_too(tmp_path, model_dir):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    for name, image in (("grey.png", rgb.convert("L")), ("rgba.png", rgb.convert("RGBA")),
+                        ("palette.png", rgb.convert("P")), ("cmyk.jpg", rgb.convert("CMYK"))):  # fmt: skip
+        image.save(folder / name)
+    out = tmp_path / "out"
+    assert main(predict_args(model_dir, out, "--images", str(folder), "--prompts", "red")) == 0
+    rows, _ = scores(out)
+    assert len(rows) == 4
+    for row in rows:
+        assert Image.open(out / row["overlay"]).size == (40, 30)

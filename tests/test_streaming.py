@@ -303,3 +303,15 @@ def test_streaming_data_without_a_validation_split_is_refused(tmp_path, tiny_cli
         "exists, or drop --streaming"
     ) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_negatives_pool_reads_each_masks_first_wording_whatever_form_the_masks_take():
+    from clipseg_tools.streaming import RowForm
+
+    form = RowForm("referring")
+    polygons = [[1, 1, 5, 1, 5, 5]]
+    assert form.phrases({"mask": polygons, "prompt": "red circle"}) == ["red circle"]  # one mask as polygons
+    assert form.phrases({"mask": {"counts": "02", "size": [1, 2]}, "prompt": ["a", "b"]}) == [
+        "a"
+    ]  # RLE, wordings
+    assert form.phrases({"mask": [polygons, polygons], "prompt": ["x", ["y", "z"]]}) == ["x", "y"]
