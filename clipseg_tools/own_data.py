@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow.compute as pc
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import CommandError
 
@@ -355,15 +355,34 @@ def _encoded(cell: Any, what: str, local_root: str | None) -> bytes:
         raise BadRow(f"the {what} file {path} cannot be read ({error})") from error
 
 
+EXIF_ORIENTATION = 0x0112  # the tag a camera sets when the picture is stored turned
+
+
 def _image_bytes(data: bytes) -> tuple[bytes, tuple[int, int]]:
+    """The image's bytes and (width, height) as people see it: a photo stored turned (EXIF orientation, as
+    phones store them) is stored again upright, since masks, label maps and annotations are drawn on the upright
+    picture (as `datasets` and `predict()` show it) and training decodes the bytes as they are."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return _upright(image)
             size = image.size  # before the draft, which decodes at 1/8 scale (still reading every byte)
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()  # every byte read: a truncated file is found here, not in training
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise BadRow(f"the image does not decode ({error})") from error
     return data, size
+
+
+def _upright(image: Image.Image) -> tuple[bytes, tuple[int, int]]:
+    """A turned photo decoded, turned upright and encoded again (JPEG at quality 95, other formats as PNG)."""
+    jpeg = image.format == "JPEG"
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode not in ("RGB", "L"):
+        upright = upright.convert("RGB")
+    encoded = io.BytesIO()
+    upright.save(encoded, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+    return encoded.getvalue(), upright.size
 
 
 def _mask_png(data: bytes, width: int, height: int, m: int) -> bytes:

@@ -292,3 +292,28 @@ def test_a_conversion_that_fails_leaves_nothing_in_the_cache(tmp_path):
         {"--split": "train"}, dataset_name=str(tmp_path / "src"), cache_dir=str(cache), skip_bad=True
     )
     assert len(split) == 9
+
+
+def test_a_photo_stored_turned_is_converted_upright_as_its_label_map_is_drawn():
+    from clipseg_tools.transforms import decode_pixels
+
+    upright = np.full((40, 60, 3), 200, dtype=np.uint8)
+    upright[:10, :10] = (255, 0, 0)  # a red corner, top left as people see the photo
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: viewers turn it back (270 degrees) to show it upright
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(
+        turned, format="JPEG", exif=exif, quality=98
+    )
+    label = np.zeros((40, 60), dtype=np.uint8)
+    label[:10, :10] = 1
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    split = datasets.Dataset.from_dict(
+        {"image": [{"bytes": turned.getvalue(), "path": None}], "label": [png(label)]}, features=features
+    )
+    rows, _ = semantic_to_rows(split, "image", "label", ID2LABEL, "s")
+    row = rows[0]
+    assert (row["width"], row["height"]) == (60, 40)
+    pixels = decode_pixels(row["image"])  # what training decodes: upright, the corner where the label has it
+    assert pixels.shape == (40, 60, 3) and pixels[2, 2, 0] > 200 and pixels[2, 2, 1] < 60
+    assert pixels[35, 55, 0] < 230 and abs(int(pixels[35, 55, 0]) - int(pixels[35, 55, 1])) < 30
