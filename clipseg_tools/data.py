@@ -88,7 +88,7 @@ def load_splits(
                     dataset_name, splits[name], options, skip_bad, num_proc, cache_dir
                 )
                 continue
-            local_root = dataset_name if dataset_name and Path(dataset_name).is_dir() else None
+            local_root = data_folders(dataset_name, cache_dir)
             split = splits[name] if stream_rows is None else first_rows(splits[name], stream_rows)
             found[flag] = in_project_form(
                 split, where, options, skip_bad, num_proc, local_root, dataset_name, cache_dir
@@ -142,13 +142,25 @@ def first_rows(stream: datasets.IterableDataset, count: int) -> datasets.Dataset
     return datasets.Dataset.from_list(list(islice(stream, count or None)), features=stream.features)
 
 
+def data_folders(dataset_name: str | None, cache_dir: str | None) -> str | tuple[str, ...] | None:
+    """Where a data set's rows may name image files: a local data set's own folder; for a Hub data set stored
+    as image files (an imagefolder: `datasets` keeps their paths, not their bytes), the caches it downloads to."""
+    if not dataset_name:
+        return None
+    if Path(dataset_name).is_dir():
+        return dataset_name
+    from huggingface_hub import constants
+
+    return (cache_dir or datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE)
+
+
 def in_project_form(
     split: datasets.Dataset,
     where: str,
     options: SourceOptions | None,
     skip_bad: bool,
     num_proc: int | None,
-    local_root: str | None = None,
+    local_root: str | tuple[str, ...] | None = None,
     dataset_name: str | None = None,
     cache_dir: str | None = None,
 ) -> datasets.Dataset:

@@ -206,7 +206,7 @@ def referring_to_rows(
     where: str,
     skip_bad: bool = False,
     num_proc: int | None = None,
-    local_root: str | None = None,
+    local_root: str | tuple[str, ...] | None = None,
 ) -> tuple[datasets.Dataset, int]:
     """`split` converted to the project's rows; returns them and the number of source rows skipped (with
     `skip_bad`; without it the first bad row ends the conversion with a sentence naming it). Cells that name
@@ -251,7 +251,7 @@ def _convert_batch(
     columns: ReferringColumns,
     where: str,
     skip_bad: bool,
-    local_root: str | None,
+    local_root: str | tuple[str, ...] | None,
 ) -> dict:
     rows = []
     for i, index in enumerate(indices):
@@ -267,7 +267,11 @@ def _convert_batch(
 
 
 def convert_row(
-    image_cell: Any, mask_cells: Any, prompts: Any, index: int, local_root: str | None = None
+    image_cell: Any,
+    mask_cells: Any,
+    prompts: Any,
+    index: int,
+    local_root: str | tuple[str, ...] | None = None,
 ) -> dict:
     """One source row: its image (bytes kept as they are), and one task per mask with its prompts (the first
     as `phrase`, the others as `other_phrases`)."""
@@ -320,7 +324,9 @@ def is_segmentation(cell: Any) -> bool:
     )
 
 
-def _stored_mask(cell: Any, width: int, height: int, m: int, local_root: str | None) -> bytes:
+def _stored_mask(
+    cell: Any, width: int, height: int, m: int, local_root: str | tuple[str, ...] | None
+) -> bytes:
     """A mask cell (an image, or polygons or RLE) as the 1-bit PNG a task stores, checked."""
     if not is_segmentation(cell):
         return _mask_png(_encoded(cell, f"mask {m}", local_root), width, height, m)
@@ -337,15 +343,17 @@ def _stored_mask(cell: Any, width: int, height: int, m: int, local_root: str | N
     return encoded.getvalue()
 
 
-def _encoded(cell: Any, what: str, local_root: str | None) -> bytes:
+def _encoded(cell: Any, what: str, local_root: str | tuple[str, ...] | None) -> bytes:
     """The encoded bytes of an `Image(decode=False)` cell. A cell that names a file is read only when the file
-    lies in the data set's own local folder: data must not make the trainer read its machine's other files."""
+    lies in the data set's own local folder (`local_root`; for a Hub data set stored as image files, the caches
+    `datasets` downloads them into): data must not make the trainer read its machine's other files."""
     if isinstance(cell, dict) and cell.get("bytes"):
         return cell["bytes"]
     path = Path(cell["path"]).resolve() if isinstance(cell, dict) and cell.get("path") else None
     if path is None:
         raise BadRow(f"the {what} cell holds no image")
-    if local_root is None or not path.is_relative_to(Path(local_root).resolve()):
+    roots = (local_root,) if isinstance(local_root, str) else local_root or ()
+    if not any(path.is_relative_to(Path(root).resolve()) for root in roots):
         raise BadRow(
             f"the {what} cell names the file {path} instead of holding its bytes, outside the data set's folder"
         )

@@ -80,7 +80,7 @@ def semantic_to_rows(
     reduce_labels: bool = False,
     skip_bad: bool = False,
     num_proc: int | None = None,
-    local_root: str | None = None,
+    local_root: str | tuple[str, ...] | None = None,
 ) -> tuple[datasets.Dataset, int]:
     """`split` converted to the project's rows (see the module's docstring); returns them and the number of
     rows skipped with `skip_bad` (without it the first bad row ends the conversion, named)."""
@@ -138,7 +138,7 @@ def convert_row(
     ids: list[int],
     prompts: list[str],
     reduce_labels: bool = False,
-    local_root: str | None = None,
+    local_root: str | tuple[str, ...] | None = None,
 ) -> dict:
     """One image and its label map: a task per class present, the ignore pixels as the row's ignore region."""
     data, (width, height) = _image_bytes(_encoded(image_cell, "image", local_root))

@@ -68,7 +68,9 @@ def test_training_and_evaluation_on_your_own_data(tmp_path, referring_folder, ti
     card = (out / "README.md").read_text()
     assert "10% of 'train' held out" in card and "my_data (see its own card)" in card
     assert "PhraseCut: Language-based" not in card
-    assert "name: Text-prompted segmentation" in card  # the model-index does not call it referring expressions
+    assert (
+        "name: Text-prompted segmentation" in card
+    )  # the model-index does not call it referring expressions
     assert json.loads((out / "all_results.json").read_text())["eval_samples"] > 0
 
     import run_eval
@@ -223,3 +225,34 @@ def test_masks_given_as_polygons_or_coco_rle_become_the_same_stored_masks():
         referring_to_rows(bad, ReferringColumns(mask="rle"), "my split")
     with pytest.raises(CommandError, match="the --mask_column prompt column holds .* not masks"):
         referring_to_rows(split, ReferringColumns(mask="prompt", prompt="prompt"), "my split")
+
+
+def test_a_hub_data_set_of_image_files_is_read_from_the_download_caches_only(tmp_path, monkeypatch):
+    from clipseg_tools.data import data_folders
+
+    cache = tmp_path / "datasets_cache"
+    (cache / "downloads").mkdir(parents=True)
+    image = np.full((30, 40, 3), 120, dtype=np.uint8)
+    mask = np.zeros((30, 40), dtype=np.uint8)
+    mask[5:15, 10:20] = 255
+    Image.fromarray(image).save(cache / "downloads" / "a.png")
+    Image.fromarray(mask).save(cache / "downloads" / "a_mask.png")
+    Image.fromarray(image).save(tmp_path / "elsewhere.png")
+    features = datasets.Features(
+        {"image": datasets.Image(), "mask": datasets.Image(), "prompt": datasets.Value("string")}
+    )
+
+    def split(image_path):  # as `datasets` keeps an imagefolder's cells: the path, no bytes
+        cells = {"image": [{"bytes": None, "path": str(image_path)}], "prompt": ["a square"]}
+        cells["mask"] = [{"bytes": None, "path": str(cache / "downloads" / "a_mask.png")}]
+        return datasets.Dataset.from_dict(cells, features=features)
+
+    roots = data_folders("you/your-data", str(cache))
+    rows, _ = referring_to_rows(
+        split(cache / "downloads" / "a.png"), ReferringColumns(), "s", local_root=roots
+    )
+    assert len(rows) == 1
+    with pytest.raises(
+        CommandError, match="elsewhere.png instead of holding its bytes, outside the data set's"
+    ):
+        referring_to_rows(split(tmp_path / "elsewhere.png"), ReferringColumns(), "s", local_root=roots)
