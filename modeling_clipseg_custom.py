@@ -325,6 +325,12 @@ class ClipSegCustomModel(PreTrainedModel):
                 "trained decoder on the float32 CLIP it started from (reload that and copy model.decoder's "
                 "state_dict into it, as run_train.py does), or cast the whole model to one dtype"
             )
+        if kwargs.get("push_to_hub"):
+            # transformers would upload before the pipeline's file is written next to the weights.
+            raise ValueError(
+                "save_pretrained(push_to_hub=True) would push the model without its pipeline: save it, then push "
+                "with model.push_to_hub(repo_id) (which saves the pipeline with it) or `hf upload`"
+            )
         saved = super().save_pretrained(*args, **kwargs)
         save_directory = Path(kwargs.get("save_directory", args[0] if args else "."))
         if kwargs.get("is_main_process", True):
@@ -336,11 +342,15 @@ class ClipSegCustomModel(PreTrainedModel):
         `pipeline("image-segmentation", model=..., trust_remote_code=True)` build it (when the file is beside
         this one: the project's checkout, or a model loaded with it)."""
         source = Path(__file__).with_name(PIPELINE_FILE)
-        if not source.is_file():
-            return
-        shutil.copyfile(source, save_directory / PIPELINE_FILE)
         config_file = save_directory / "config.json"
         config = json.loads(config_file.read_text())
+        if (
+            not source.is_file()
+        ):  # e.g. loaded through trust_remote_code: the config must not name a missing file
+            if config.pop("custom_pipelines", None) is not None:
+                config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            return
+        shutil.copyfile(source, save_directory / PIPELINE_FILE)
         config["custom_pipelines"] = {
             "image-segmentation": {
                 "impl": f"{PIPELINE_FILE.removesuffix('.py')}.ClipSegSegmentationPipeline",

@@ -24,6 +24,8 @@ drop prompts below a score. Options:
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ except ImportError:
     from modeling_clipseg_custom import ClipSegCustomModel, read_prompt, to_rgb_image
 
 TASK = "image-segmentation"
+DEFAULT_BATCH_SIZE = 8  # images per forward pass, unless the pipeline or the call says otherwise
 DEFAULT_THRESHOLD = 0.3  # the project's evaluation threshold (the official PhraseCut protocol's)
 
 
@@ -65,20 +68,25 @@ class ClipSegSegmentationPipeline(Pipeline):
             postprocess["multiclass"] = multiclass
         return preprocess, {}, postprocess
 
-    def __call__(self, images: Any, prompts: Any = None, batch_size: int = 8, **kwargs: Any) -> Any:
-        """Per image (or for one image) the list of `{"label", "score", "mask"}`, one per prompt."""
-        if prompts is None:
+    def __call__(self, images: Any, prompts: Any = None, batch_size: int | None = None, **kwargs: Any) -> Any:
+        """Per image (or for one image) the list of `{"label", "score", "mask"}`, one per prompt. Arguments given
+        when the pipeline was made (`prompts`, `threshold`, `multiclass`, `batch_size`) hold unless the call
+        gives others. `images` may be one image or a list, a generator or a data set of them; they are read a
+        batch at a time."""
+        preprocess, _, postprocess = self._sanitize_parameters(prompts=prompts, **kwargs)
+        preprocess = {**self._preprocess_params, **preprocess}
+        options = {**self._postprocess_params, **postprocess}
+        if preprocess.get("prompts") is None:
             raise ValueError('give the prompts: segmenter(image, prompts=["a cat", "the sky"])')
-        prompt_list = check_prompts(prompts)
-        _, _, options = self._sanitize_parameters(**kwargs)
-        single = not isinstance(images, list | tuple)
-        loaded = [
-            to_rgb_image(image, f"images[{i}]") for i, image in enumerate([images] if single else images)
-        ]
-        results = []
-        for start in range(0, len(loaded), max(1, batch_size)):
-            chunk = loaded[start : start + batch_size]
-            outputs = self._forward({"images": chunk, "prompts": prompt_list})
+        prompt_list = check_prompts(preprocess["prompts"])
+        size = max(1, batch_size or self._batch_size or DEFAULT_BATCH_SIZE)
+        single = is_one_image(images)
+        sources = iter([images] if single else images)
+        results, position = [], 0
+        while chunk := list(itertools.islice(sources, size)):
+            loaded = [to_rgb_image(image, f"images[{position + i}]") for i, image in enumerate(chunk)]
+            position += len(chunk)
+            outputs = self._forward({"images": loaded, "prompts": prompt_list})
             results.extend(self.postprocess(maps, prompt_list, **options) for maps in outputs["maps"])
         return results[0] if single else results
 
@@ -114,6 +122,13 @@ class ClipSegSegmentationPipeline(Pipeline):
             }
             for k, (prompt, score, mask) in enumerate(zip(prompts, scores, masks, strict=True))
         ]
+
+
+def is_one_image(images: Any) -> bool:
+    """One image (a PIL image, an array, a path or URL), not a collection of them."""
+    return isinstance(images, Image.Image | str | bytes | os.PathLike | torch.Tensor) or hasattr(
+        images, "__array__"
+    )
 
 
 def multiclass_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:

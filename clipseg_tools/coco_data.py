@@ -473,6 +473,8 @@ def _rle_mask(rle: dict, height: int, width: int) -> np.ndarray:
         raise ValueError(
             f"its RLE size is {size[0]}x{size[1]} (height x width), the image's {height}x{width}: they must match"
         )
+    if isinstance(counts, bytes):  # pycocotools' own encoder gives the string as bytes
+        counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, str):
         counts = rle_counts(counts)
     elif not (isinstance(counts, list) and all(_is_int(v) and v >= 0 for v in counts)):

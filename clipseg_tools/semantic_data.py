@@ -36,6 +36,7 @@ def load_id2label(flag: str | None, dataset_name: str | None, cache_dir: str | N
         path = Path(flag)
         text, where = (path.read_text(), f"--id2label {flag}") if path.is_file() else (flag, "--id2label")
         return _parsed_id2label(text, where)
+    reason = ""
     if dataset_name and Path(dataset_name).is_dir():
         path = Path(dataset_name) / "id2label.json"
         if path.is_file():
@@ -45,12 +46,14 @@ def load_id2label(flag: str | None, dataset_name: str | None, cache_dir: str | N
 
         try:
             path = hf_hub_download(dataset_name, "id2label.json", repo_type="dataset", cache_dir=cache_dir)
+        except Exception as error:  # noqa: BLE001 - absent, offline or refused: the sentence below says which
+            reason = f" ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        else:
             return _parsed_id2label(Path(path).read_text(), f"id2label.json of {dataset_name}")
-        except Exception:  # noqa: BLE001 - any failure means: not found there; the sentence below says what to do
-            pass
     raise CommandError(
         f"--dataset_name {dataset_name}: semantic data needs its class names, and no id2label.json was found beside "
-        'it: give them with --id2label FILE.json (a JSON object of id to name, e.g. {"0": "wall", "1": "sky"})'
+        f"it{reason}: give them with --id2label "
+        'FILE.json (a JSON object of id to name, e.g. {"0": "wall", "1": "sky"})'
     )
 
 
@@ -67,6 +70,13 @@ def _parsed_id2label(text: str, where: str) -> dict[int, str]:
         raise CommandError(
             f"{where}: class ids must be 0 to {IGNORE_INDEX - 1} with non-empty names (not {bad or 'none'})"
         )
+    seen: dict[str, int] = {}
+    for key, name in sorted(id2label.items()):
+        if name in seen:
+            raise CommandError(
+                f"{where}: classes {seen[name]} and {key} are both named {name!r}: each class needs its own name"
+            )
+        seen[name] = key
     return id2label
 
 

@@ -14,6 +14,7 @@ from clipseg_tools.coco_data import (
     coco_splits,
     coco_to_rows,
     decode_segmentation,
+    encode_rle,
     is_coco_folder,
     read_coco_split,
     rle_counts,
@@ -427,3 +428,11 @@ def test_two_processes_train_on_a_coco_folder(tmp_path, tiny_clip_dir):
     # Both processes read the one conversion the first made: every prompt of the split scored once.
     assert results["eval_samples"] == sum(len(r["tasks"]) for r in coco_to_rows(folder, "val")[0])
     assert len(list((tmp_path / "cache" / "coco_rows").glob("val-*.arrow"))) == 1
+
+
+def test_rle_counts_given_as_bytes_as_pycocotools_encodes_them():
+    mask = np.zeros((6, 5), dtype=bool)
+    mask[1:4, 2:5] = True
+    rle = encode_rle(mask, compressed=True)
+    as_bytes = {"counts": rle["counts"].encode("ascii"), "size": rle["size"]}
+    assert (decode_segmentation(as_bytes, 6, 5) == mask).all()

@@ -107,3 +107,39 @@ def test_bad_prompts_and_images_are_named(saved, tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")
     with pytest.raises(ValueError, match=r"images\[0\]: .*broken.jpg could not be read as an image"):
         segmenter(str(tmp_path / "broken.jpg"), prompts=PROMPTS)
+
+
+def test_arguments_given_when_the_pipeline_is_made_hold_and_images_are_read_a_batch_at_a_time(
+    saved, monkeypatch
+):
+    root, _, _ = saved
+    segmenter = pipeline(
+        "image-segmentation", model=str(root / "ours"), trust_remote_code=True,
+        prompts=PROMPTS[:2], threshold=0.99, batch_size=2,
+    )  # fmt: skip
+    chunks = []
+    original = segmenter.model.predict
+    monkeypatch.setattr(
+        segmenter.model,
+        "predict",
+        lambda images, *a, **k: chunks.append(len(images)) or original(images, *a, **k),
+    )
+    photos = (str(root / name) for name in ["a.jpg", "b.png", "a.jpg"])  # a generator
+    results = segmenter(photos)
+    assert chunks == [2, 1] and len(results) == 3
+    assert [r["label"] for r in results[0]] == PROMPTS[:2]
+    assert all(np.asarray(r["mask"]).max() == 0 for found in results for r in found)  # nothing above 0.99
+    (found,) = segmenter([str(root / "a.jpg")], threshold=0.0)  # the call's own argument wins
+    assert all(np.asarray(r["mask"]).min() == 255 for r in found)
+
+
+def test_a_model_saved_without_the_pipeline_file_does_not_name_it(saved, tmp_path, monkeypatch):
+    import modeling_clipseg_custom
+
+    root, model, processor = saved
+    monkeypatch.setattr(modeling_clipseg_custom, "PIPELINE_FILE", "no_such_pipeline.py")
+    reloaded = ClipSegCustomModel.from_pretrained(root / "ours")  # its config names the pipeline
+    reloaded.save_pretrained(tmp_path / "resaved")
+    assert "custom_pipelines" not in json.loads((tmp_path / "resaved" / "config.json").read_text())
+    with pytest.raises(ValueError, match="would push the model without its pipeline"):
+        model.save_pretrained(tmp_path / "pushed", push_to_hub=True)

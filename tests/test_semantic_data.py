@@ -317,3 +317,12 @@ def test_a_photo_stored_turned_is_converted_upright_as_its_label_map_is_drawn():
     pixels = decode_pixels(row["image"])  # what training decodes: upright, the corner where the label has it
     assert pixels.shape == (40, 60, 3) and pixels[2, 2, 0] > 200 and pixels[2, 2, 1] < 60
     assert pixels[35, 55, 0] < 230 and abs(int(pixels[35, 55, 0]) - int(pixels[35, 55, 1])) < 30
+
+
+def test_two_classes_of_one_name_and_a_hub_failure_are_said_as_they_are():
+    with pytest.raises(CommandError, match="classes 0 and 2 are both named 'wall'"):
+        load_id2label('{"0": "wall", "1": "sky", "2": "wall"}', None)
+    with pytest.raises(
+        CommandError, match=r"no id2label.json was found beside it \(LocalEntryNotFoundError: "
+    ):
+        load_id2label(None, "you/your-data")  # HF_HUB_OFFLINE: the reason is said, not hidden
