@@ -1,0 +1,185 @@
+"""The ONNX export (`python -m clipseg_tools.onnx_export`) and its onnxruntime runner, on tiny models: the graphs
+give PyTorch's logits at other image, prompt and token counts than they were traced with, the int8 graphs
+PyTorch's masks on most pixels, `OnnxClipSeg.predict` the maps of `ClipSegCustomModel.predict` in a process
+that cannot import torch; bad input ends with one sentence and leaves no folder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, AutoTokenizer
+
+from clipseg_tools import onnx_export
+from clipseg_tools.onnx_export import OnnxClipSeg, main
+from clipseg_tools.tiny_clip import tiny_clip_configs
+from configuration import ClipSegCustomConfig
+from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PHRASES = ["red circle", "a blue square", "green"]
+SIZES = [(50, 30), (41, 64)]  # (width, height)
+# Models: the refined head at patch 16, the plain head at patch 16, the refined head at patch 8.
+VARIANTS = {"refined-16": (True, 16), "plain-16": (False, 16), "refined-8": (True, 8)}
+THRESHOLD = 0.3
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def tiny_model(tokenizer, refined: bool, patch: int) -> ClipSegCustomModel:
+    torch.manual_seed(patch + refined)
+    configs = tiny_clip_configs(
+        tokenizer, width=32, layers=3, heads=4, patch_size=patch, pretrain_image_size=32, max_positions=16
+    )
+    config = ClipSegCustomConfig(
+        **configs,
+        image_size=64,
+        reduce_dim=16,
+        extract_layers=[0, 1],
+        decoder_intermediate_size=32,
+        use_complex_transposed_convolution=refined,
+    )
+    model = ClipSegCustomModel(config).eval()
+    head = model.decoder.transposed_convolution
+    with torch.no_grad():  # logits around the threshold: masks with both values
+        (head[-1] if refined else head).bias.fill_(-0.85)
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory, tiny_clip_dir) -> dict[str, tuple[ClipSegCustomModel, Path]]:
+    """Each variant's tiny model, saved with its processor."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    saved = {}
+    for name, (refined, patch) in VARIANTS.items():
+        model = tiny_model(tokenizer, refined, patch)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        make_processor(tokenizer, image_size=64).save_pretrained(folder)
+        saved[name] = model, folder
+    return saved
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, saved_models, tmp_path_factory):
+    """A variant's model, its processor, and its export by the command (fp32 and int8)."""
+    model, folder = saved_models[request.param]
+    output = tmp_path_factory.mktemp("exports") / request.param
+    assert main(["--model", str(folder), "--output", str(output)]) == 0
+    return model, AutoProcessor.from_pretrained(folder), output
+
+
+def model_inputs(processor) -> dict[str, torch.Tensor]:
+    """I=2 images, P=3 prompts, T=12 tokens (the export traced 2 images, 3 prompts of fewer tokens)."""
+    tokens = processor.tokenizer(PHRASES, padding="max_length", max_length=12, return_tensors="pt")
+    return {
+        "pixel_values": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5)),
+        "input_ids": tokens["input_ids"],
+        "attention_mask": tokens["attention_mask"],
+        "image_index": torch.tensor([1, 0, 1]),
+    }
+
+
+def pytorch_and_onnx_logits(exported, precision: str) -> tuple[np.ndarray, np.ndarray]:
+    model, processor, folder = exported
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        expected = model(**inputs).logits.numpy()
+    got = OnnxClipSeg(folder, precision).logits(*(tensor.numpy() for tensor in inputs.values()))
+    return got, expected
+
+
+def test_folder_holds_the_graphs_processor_and_settings(exported):
+    _, _, folder = exported
+    names = {path.name for path in folder.iterdir()}
+    graphs = {f"{part}{suffix}.onnx" for part in ("vision", "text", "decoder") for suffix in ("", "_int8")}
+    assert graphs <= names and "tokenizer_config.json" in names
+    settings = json.loads((folder / "onnx_config.json").read_text())
+    assert settings["image_size"] == 64 and settings["max_text_length"] == 16
+    assert settings["logits_relative_difference"]["fp32"] < 1e-4
+    assert not any(name.startswith(".") for name in names)
+
+
+def test_fp32_logits_equal_pytorch_at_other_counts(exported):
+    got, expected = pytorch_and_onnx_logits(exported, "fp32")
+    assert got.shape == expected.shape == (3, 64, 64)
+    assert relative_difference(got, expected) < 1e-4
+
+
+def test_int8_masks_agree_with_pytorch(exported):
+    got, expected = pytorch_and_onnx_logits(exported, "int8")
+    threshold = np.log(THRESHOLD / (1 - THRESHOLD))  # probability 0.3 as a logit
+    got_mask, expected_mask = got > threshold, expected > threshold
+    assert 0.05 < expected_mask.mean() < 0.95  # both values, so that the agreement means something
+    assert iou(got_mask, expected_mask) > 0.9
+    assert (got_mask == expected_mask).mean() > 0.95
+
+
+def test_predict_without_torch_equals_pytorch_predict(exported, tmp_path):
+    """`OnnxClipSeg.predict` in a process where torch cannot be imported (as on a machine without it)."""
+    model, processor, folder = exported
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, (width, height) in enumerate(SIZES):
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(paths[-1])
+    prompts = [PHRASES, PHRASES[1:]]
+    code = (
+        "import sys, numpy as np\n"
+        "sys.modules['torch'] = sys.modules['torchvision'] = None  # any import of torch fails\n"
+        f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
+        "from clipseg_tools.onnx_export import OnnxClipSeg\n"
+        f"maps = OnnxClipSeg({str(folder)!r}).predict({[str(p) for p in paths]!r}, {prompts!r})\n"
+        f"np.savez({str(tmp_path / 'maps.npz')!r}, *maps)\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=300)
+    with np.load(tmp_path / "maps.npz") as saved:
+        got = [saved[f"arr_{k}"] for k in range(len(paths))]
+    expected = model.predict([Image.open(path) for path in paths], prompts, processor)
+    for onnx_maps, torch_maps, (width, height), phrases in zip(got, expected, SIZES, prompts):
+        assert onnx_maps.shape == tuple(torch_maps.shape) == (len(phrases), height, width)
+        assert np.abs(onnx_maps - torch_maps.numpy()).max() < 1e-5
+
+
+def test_refuses_a_folder_that_holds_files(saved_models, tmp_path, capsys):
+    model_folder = saved_models["refined-16"][1]
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as ended:
+        main(["--model", str(model_folder), "--output", str(tmp_path)])
+    assert ended.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "already holds files" in message
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_failed_export_leaves_no_folder(saved_models, tmp_path, monkeypatch):
+    def fail(folder: Path) -> dict:
+        raise RuntimeError("quantisation failed")
+
+    monkeypatch.setitem(onnx_export.QUANTIZERS, "int8", fail)
+    with pytest.raises(RuntimeError, match="quantisation failed"):
+        main(["--model", str(saved_models["refined-16"][1]), "--output", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_graphs_at_another_opset(saved_models, tmp_path):
+    model, folder = saved_models["refined-16"]
+    output = tmp_path / "onnx"
+    assert main(["--model", str(folder), "--output", str(output), "--opset", "18", "--quantize", "fp16"]) == 0
+    assert not (output / "vision_int8.onnx").exists()
+    exported = model, AutoProcessor.from_pretrained(folder), output
+    got, expected = pytorch_and_onnx_logits(exported, "fp16")
+    assert relative_difference(got, expected) < 5e-3
+    assert iou(got > 0, expected > 0) > 0.97
