@@ -213,6 +213,65 @@ class TrainingOptions:
     seed: int = 0
 
 
+def cropped_sample(
+    row: Mapping, tasks: list[Mapping], options: TrainingOptions, rng: np.random.Generator
+) -> dict:
+    """A training sample's image: `row`'s picture cropped (a random square around the first task's mask) and
+    resized, with `tasks`' masks and first wordings, and its ignore region when the data marks one."""
+    pixels = read_image(row, decode_pixels)
+    masks = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in tasks])
+    ignore = ignore_mask(row, *pixels.shape[:2]) if options.ignore_regions else None
+    if options.random_crop:
+        top, left, side = random_square_crop(masks[0], rng, options.crop_tries, options.crop_min_fraction)
+        pixels = pixels[top : top + side, left : left + side]  # a view: copied once, by the collate
+        masks = masks[:, top : top + side, left : left + side]
+        ignore = None if ignore is None else ignore[top : top + side, left : left + side]
+    size = options.image_size
+    sample = {
+        "pixel_values": image_to_uint8(resize_pixels(pixels, size)),
+        "masks": torch.from_numpy(resize_mask(masks, size)),
+        "phrases": [task["phrase"] for task in tasks],
+    }
+    if ignore is not None:
+        sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, size)))
+    return sample
+
+
+def add_negatives(
+    sample: dict,
+    row: Mapping,
+    options: TrainingOptions,
+    rng: np.random.Generator,
+    absent_phrase: Callable[[set[str], np.random.Generator], str],
+) -> set[int]:
+    """With probability `negative_prob` each phrase of `sample` becomes one absent from the row (empty mask);
+    returns which did."""
+    present = {phrase for task in row["tasks"] for phrase in wordings(task)}
+    negatives = set()
+    for k in range(len(sample["phrases"])):
+        if rng.random() < options.negative_prob:
+            sample["phrases"][k] = absent_phrase(present, rng)
+            sample["masks"][k] = False
+            negatives.add(k)
+    return negatives
+
+
+def finish_phrases(
+    sample: dict,
+    tasks: list[Mapping],
+    negatives: set[int],
+    options: TrainingOptions,
+    rng: np.random.Generator,
+) -> None:
+    """The positives' wordings drawn (a user's data may give several per mask), then the prompt templates."""
+    for k, task in enumerate(tasks):
+        if k not in negatives:
+            sample["phrases"][k] = draw_wording(task, rng)
+    sample["phrases"] = [
+        apply_template(p, options.prompt_template, rng) if p else p for p in sample["phrases"]
+    ]
+
+
 class TrainingSamples(Dataset):
     """One item = one image (cropped, resized) and `phrases_per_image` of its phrases with their masks.
 
@@ -236,42 +295,15 @@ class TrainingSamples(Dataset):
         rng = np.random.default_rng([self.options.seed, epoch, anchor])
         row_id = int(self.index.row_of_task[anchor])
         row = self.dataset[row_id]
-        pixels = read_image(row, decode_pixels)
         chosen = self._choose_tasks(row_id, anchor, rng)
         tasks = [row["tasks"][int(self.index.task_in_row[t])] for t in chosen]
-        masks = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in tasks])
-        ignore = ignore_mask(row, *pixels.shape[:2]) if self.options.ignore_regions else None
-
-        if self.options.random_crop:
-            top, left, side = random_square_crop(
-                masks[0], rng, self.options.crop_tries, self.options.crop_min_fraction
-            )
-            pixels = pixels[top : top + side, left : left + side]  # a view: copied once, by the collate
-            masks = masks[:, top : top + side, left : left + side]
-            ignore = None if ignore is None else ignore[top : top + side, left : left + side]
-        size = self.options.image_size
-        sample = {
-            "pixel_values": image_to_uint8(resize_pixels(pixels, size)),
-            "masks": torch.from_numpy(resize_mask(masks, size)),
-            "phrases": [task["phrase"] for task in tasks],
-        }
-        if ignore is not None:
-            sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, size)))
-        present = {phrase for task in row["tasks"] for phrase in wordings(task)}
-        negatives = set()
-        for k in range(len(tasks)):
-            if rng.random() < self.options.negative_prob:
-                sample["phrases"][k] = self._absent_phrase(present, rng)
-                sample["masks"][k] = False
-                negatives.add(k)
+        sample = cropped_sample(row, tasks, self.options, rng)
+        negatives = add_negatives(sample, row, self.options, rng, self._absent_phrase)
         if self.options.visual_prompts:
             self._add_visual_prompts(sample, chosen, rng)
-        for k, task in enumerate(tasks):  # after the example images: those are found by the first wording
-            if k not in negatives:
-                sample["phrases"][k] = draw_wording(task, rng)
-        sample["phrases"] = [
-            apply_template(p, self.options.prompt_template, rng) if p else p for p in sample["phrases"]
-        ]
+        finish_phrases(
+            sample, tasks, negatives, self.options, rng
+        )  # after the example images: found by phrase
         return sample
 
     def _choose_tasks(self, row_id: int, anchor: int, rng: np.random.Generator) -> list[int]:

@@ -36,19 +36,15 @@ from torch.utils.data import DataLoader, get_worker_info
 from . import own_data, semantic_data
 from .batching import (
     TrainingOptions,
+    add_negatives,
     collate_training,
-    draw_wording,
-    random_square_crop,
-    read_image,
-    task_mask,
-    wordings,
+    cropped_sample,
+    finish_phrases,
 )
 from .data import REQUIRED_COLUMNS, check_shape
 from .errors import CommandError
 from .loader import create_loader
-from .own_data import BadRow, ReferringColumns, SourceOptions, ignore_mask
-from .prompts import apply_template
-from .transforms import decode_pixels, image_to_uint8, resize_mask, resize_pixels
+from .own_data import BadRow, ReferringColumns, SourceOptions
 
 NEGATIVE_POOL_SIZE = 4096  # distinct phrases kept for negatives: bounded memory on an endless stream
 
@@ -202,35 +198,9 @@ def make_sample(row: dict, options: TrainingOptions, pool: PhrasePool, rng: np.r
     anchor = int(rng.integers(len(tasks)))
     others = other_tasks(len(tasks), anchor, options.phrases_per_image - 1, rng)
     chosen = [tasks[k] for k in [anchor, *others]]
-    pixels = read_image(row, decode_pixels)
-    masks = np.stack([task_mask(task, row, *pixels.shape[:2]) for task in chosen])
-    ignore = ignore_mask(row, *pixels.shape[:2]) if options.ignore_regions else None
-    if options.random_crop:
-        top, left, side = random_square_crop(masks[0], rng, options.crop_tries, options.crop_min_fraction)
-        pixels = pixels[top : top + side, left : left + side]
-        masks = masks[:, top : top + side, left : left + side]
-        ignore = None if ignore is None else ignore[top : top + side, left : left + side]
-    size = options.image_size
-    sample = {
-        "pixel_values": image_to_uint8(resize_pixels(pixels, size)),
-        "masks": torch.from_numpy(resize_mask(masks, size)),
-        "phrases": [task["phrase"] for task in chosen],
-    }
-    if ignore is not None:
-        sample["ignore"] = torch.from_numpy(np.ascontiguousarray(resize_mask(ignore, size)))
-    present = {phrase for task in tasks for phrase in wordings(task)}
-    negatives = set()
-    for k in range(len(chosen)):
-        if rng.random() < options.negative_prob:
-            sample["phrases"][k] = pool.absent(present, rng)
-            sample["masks"][k] = False
-            negatives.add(k)
-    for k, task in enumerate(chosen):  # one of each positive's wordings (a user's data may give several)
-        if k not in negatives:
-            sample["phrases"][k] = draw_wording(task, rng)
-    sample["phrases"] = [
-        apply_template(p, options.prompt_template, rng) if p else p for p in sample["phrases"]
-    ]
+    sample = cropped_sample(row, chosen, options, rng)
+    negatives = add_negatives(sample, row, options, rng, pool.absent)
+    finish_phrases(sample, chosen, negatives, options, rng)
     return sample
 
 
