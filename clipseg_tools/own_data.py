@@ -12,7 +12,7 @@ once with `datasets.map` over several processes and is cached by `datasets` like
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,17 +216,10 @@ def referring_to_rows(
     mask_type = _undecoded(source.features[columns.mask], columns.mask_flag(), where)
     if mask_type is not None:
         source = source.cast_column(columns.mask, mask_type)
-    with no_leftovers(source):
-        converted = source.map(
-            _convert_batch,
-            batched=True,
-            with_indices=True,
-            remove_columns=source.column_names,
-            features=ROW_FEATURES,
-            fn_kwargs={"columns": columns, "where": where, "skip_bad": skip_bad, "local_root": local_root},
-            num_proc=num_proc,
-            desc=f"converting {where} to one row per image",
-        )
+    converted = convert_split(
+        source, convert_row, (columns.image, columns.mask, columns.prompt), where, skip_bad, ROW_FEATURES,
+        num_proc, local_root=local_root,
+    )  # fmt: skip
     skipped = len(split) - len(converted)
     return converted, skipped
 
@@ -245,19 +238,51 @@ def no_leftovers(source: datasets.Dataset) -> Iterator[None]:
         raise
 
 
-def _convert_batch(
-    batch: dict,
-    indices: list[int],
-    columns: ReferringColumns,
+def convert_split(
+    source: datasets.Dataset,
+    convert: Callable[..., dict],
+    cells: tuple[str, ...],
     where: str,
     skip_bad: bool,
-    local_root: str | tuple[str, ...] | None,
+    features: datasets.Features,
+    num_proc: int | None,
+    **options: Any,
+) -> datasets.Dataset:
+    """`source` as the project's rows, `convert(*cells of a row, index, **options)` making each, with
+    `datasets.map` over `num_proc` processes (cached; a failure leaves nothing in the cache). A `BadRow` ends the
+    conversion with a sentence naming the row, or with `skip_bad` leaves the row out."""
+    with no_leftovers(source):
+        return source.map(
+            _convert_rows,
+            batched=True,
+            with_indices=True,
+            remove_columns=source.column_names,
+            features=features,
+            fn_kwargs={
+                "convert": convert,
+                "cells": cells,
+                "where": where,
+                "skip_bad": skip_bad,
+                "options": options,
+            },
+            num_proc=num_proc,
+            desc=f"converting {where} to one row per image",
+        )
+
+
+def _convert_rows(
+    batch: dict,
+    indices: list[int],
+    convert: Callable,
+    cells: tuple,
+    where: str,
+    skip_bad: bool,
+    options: dict,
 ) -> dict:
     rows = []
     for i, index in enumerate(indices):
-        cells = (batch[columns.image][i], batch[columns.mask][i], batch[columns.prompt][i])
         try:
-            rows.append(convert_row(*cells, index, local_root))
+            rows.append(convert(*(batch[cell][i] for cell in cells), index, **options))
         except BadRow as error:
             if not skip_bad:
                 raise CommandError(

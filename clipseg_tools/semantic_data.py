@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import CommandError
-from .own_data import BadRow, _encoded, _image_bytes, check_class_prompt_template, no_leftovers, row_features
+from .own_data import BadRow, _encoded, _image_bytes, check_class_prompt_template, convert_split, row_features
 
 IGNORE_INDEX = 255
 
@@ -103,42 +103,20 @@ def semantic_to_rows(
     ids = sorted(id2label)
     source = split.cast_column(image_column, datasets.Image(decode=False))
     source = source.cast_column(label_column, datasets.Image(decode=False))
-    options = {
-        "columns": (image_column, label_column),
-        "ids": ids,
-        "prompts": [template.format(id2label[i]) for i in ids],
-        "reduce_labels": reduce_labels,
-        "where": where,
-        "skip_bad": skip_bad,
-        "local_root": local_root,
-    }
-    with no_leftovers(source):
-        converted = source.map(
-            _convert_batch,
-            batched=True,
-            with_indices=True,
-            remove_columns=source.column_names,
-            features=row_features([id2label[i] for i in ids]),
-            fn_kwargs=options,
-            num_proc=num_proc,
-            desc=f"converting {where} to one row per image",
-        )
+    converted = convert_split(
+        source,
+        convert_row,
+        (image_column, label_column),
+        where,
+        skip_bad,
+        row_features([id2label[i] for i in ids]),
+        num_proc,
+        ids=ids,
+        prompts=[template.format(id2label[i]) for i in ids],
+        reduce_labels=reduce_labels,
+        local_root=local_root,
+    )
     return converted, len(split) - len(converted)
-
-
-def _convert_batch(
-    batch: dict, indices: list[int], columns: tuple[str, str], where: str, skip_bad: bool, **options
-) -> dict:
-    rows = []
-    for i, index in enumerate(indices):
-        try:
-            rows.append(convert_row(batch[columns[0]][i], batch[columns[1]][i], index, **options))
-        except BadRow as error:
-            if not skip_bad:
-                raise CommandError(
-                    f"{where}, row {index}: {error}; pass --skip_bad_samples to skip such rows"
-                ) from None
-    return {key: [row[key] for row in rows] for key in row_features()}
 
 
 def convert_row(
