@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from transformers.utils import logging
 
-from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_confusion, class_names, mean_iou_scores
+from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_scores, class_names
 from clipseg_tools.cli import ArgumentParser, run_command, setup_logging, worker_count
 from clipseg_tools.data import load_splits
 from clipseg_tools.errors import CommandError
@@ -234,20 +234,18 @@ def score_class_maps(
     model: Any, processor: Any, split: Any, args: argparse.Namespace, accelerator: Accelerator, label: str
 ) -> dict[str, Any]:
     """The multi-class map's scores (`evaluate`'s `mean_iou` names) on the same images."""
-    names = class_names(split)
-    confusion = class_map_confusion(
+    return class_map_scores(
         model,
         split,
         processor.tokenizer,
         accelerator,
-        [args.class_prompt_template.format(name) for name in names],
+        args.class_prompt_template,
         args.official_threshold,
-        range(images_scored(len(split), args.max_images)),
+        args.max_images,
         batch_size=args.batch_size,
         mixed_precision=args.bf16,
         description=f"{label} (multi-class maps)",
     )
-    return mean_iou_scores(confusion, names)
 
 
 def class_map_lines(args: argparse.Namespace, summaries: dict[str, dict]) -> list[str]:

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from clipseg_tools import checkpoints, run_folder
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
-from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_confusion, class_names, mean_iou_scores
+from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_scores
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
 from clipseg_tools.data import canonical_split, load_source, load_splits, shrink_images
 from clipseg_tools.errors import FAILED, CommandError
@@ -1000,20 +1000,18 @@ def run_evaluation(args, accelerator, model, split, processor, description: str)
         description=description,
     )
     metrics = result.flat_metrics()
-    names = class_names(split)
-    if names:
-        confusion = class_map_confusion(
-            model,
-            split,
-            processor.tokenizer,
-            accelerator,
-            [args.class_prompt_template.format(name) for name in names],
-            OFFICIAL_THRESHOLD,
-            range(images_scored(len(split), args.max_eval_images)),
-            batch_size=args.per_device_eval_batch_size,
-            description=f"{description} (multi-class maps)",
-        )
-        scores = mean_iou_scores(confusion, names)
+    scores = class_map_scores(
+        model,
+        split,
+        processor.tokenizer,
+        accelerator,
+        args.class_prompt_template,
+        OFFICIAL_THRESHOLD,
+        args.max_eval_images,
+        batch_size=args.per_device_eval_batch_size,
+        description=f"{description} (multi-class maps)",
+    )
+    if scores:
         metrics.update({f"class_map_{key}": scores[key] for key in CLASS_MAP_METRICS})
     return metrics
 

@@ -89,6 +89,40 @@ def class_map_confusion(
     return confusion.view(num_classes + 1, num_classes + 1).cpu().numpy()
 
 
+def class_map_scores(
+    model: Any,
+    dataset: Any,
+    tokenizer: Any,
+    accelerator: Any,
+    template: str,
+    threshold: float,
+    max_images: int = 0,
+    batch_size: int = 4,
+    mixed_precision: bool = False,
+    description: str = "multi-class maps",
+) -> dict[str, Any] | None:
+    """`mean_iou_scores` of the multi-class maps of the first `max_images` images (0: all), each class prompted
+    as `template` says; None for data without classes."""
+    names = class_names(dataset)
+    if not names:
+        return None
+    rows = range(min(max_images, len(dataset)) if max_images else len(dataset))
+    prompts = [template.format(name) for name in names]
+    confusion = class_map_confusion(
+        model,
+        dataset,
+        tokenizer,
+        accelerator,
+        prompts,
+        threshold,
+        rows,
+        batch_size,
+        mixed_precision,
+        description,
+    )
+    return mean_iou_scores(confusion, names)
+
+
 def truth_maps(batch: dict[str, Any], num_classes: int) -> list[torch.Tensor]:
     """Each image's class map at its own size from its tasks' masks and class ids: C (no class) where no task's
     mask lies (COCO's background), -1 in the image's ignore region (left out of the scores)."""
