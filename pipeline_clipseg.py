@@ -154,10 +154,24 @@ def prompt_label(prompt: Any, position: int) -> str:
 
 
 def clipseg_pipeline(
-    model: str | ClipSegCustomModel, device: Any = None, dtype: Any = None
-) -> ClipSegSegmentationPipeline:
+    model: str | ClipSegCustomModel,
+    device: Any = None,
+    dtype: Any = None,
+    backend: str = "pytorch",
+    precision: str = "fp32",
+) -> Any:
     """The pipeline for any CLIPSeg model: a folder or Hub id of this project's, a CIDAS checkpoint, or a saved
-    `CLIPSegForImageSegmentation` (those two load into the project's model, weight for weight)."""
+    `CLIPSegForImageSegmentation` (those two load into the project's model, weight for weight).
+
+    With `backend="onnxruntime"`, `model` is an export folder, or a model folder or Hub repository holding
+    its graphs in `onnx/`; the call and its output are the same (`clipseg_tools.onnx_runtime.OnnxSegmenter`,
+    `precision` "fp32", "int8" or "fp16")."""
+    if backend == "onnxruntime":
+        from clipseg_tools.onnx_runtime import OnnxSegmenter
+
+        return OnnxSegmenter(model, precision=precision)
+    if backend != "pytorch":
+        raise ValueError(f"backend={backend!r}: give 'pytorch' or 'onnxruntime'")
     from transformers import AutoProcessor
 
     loaded = ClipSegCustomModel.from_pretrained(model) if isinstance(model, str) else model

@@ -135,6 +135,9 @@ RESUMABLE_SETTINGS = (
 # ----------------------------------------------------------------------------------------------------------
 
 
+ONNX_FOLDER = "onnx"  # where --export_onnx saves the graphs, inside --output_dir
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_data_arguments(parser.add_argument_group("data (give --data_dir or --dataset_name)"))
@@ -311,6 +314,12 @@ def add_sharing_arguments(group: argparse._ArgumentGroup) -> None:
     add("--hub_token", help="a Hub token (default: the one `hf auth login` saved)")
     add("--hub_private_repo", action="store_true", help="create the repository private")
     add("--push_space", action="store_true", help="also push a web demo Space, <hub_model_id>-demo")
+    add(
+        "--export_onnx",
+        action="store_true",
+        help="also save the model's ONNX graphs (fp32 and int8) in onnx/ beside it, pushed with it: "
+        "`run_predict.py --backend onnxruntime` and clipseg_tools.onnx_runtime run them without PyTorch",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1060,6 +1069,14 @@ def finish(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         report(args, final_model, processor, eval_split, metrics)
+    export_error = getattr(args, "onnx_export_error", None)
+    if export_error is not None:
+        raise CommandError(
+            f"the ONNX export failed ({last_line(export_error)}); the trained model is saved and scored in "
+            f"{args.output_dir}: export it with `python -m clipseg_tools.onnx_export --model {args.output_dir} "
+            f"--output ONNX_FOLDER`",
+            FAILED,
+        ) from export_error
     if args.push_to_hub and accelerator.is_main_process:  # last: a failed push leaves everything else done
         push_model(args)
     return results
@@ -1102,7 +1119,27 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
         (staging / "all_results.json").write_text(json.dumps(results, indent=2))
         (staging / "training_log.json").write_text(json.dumps(log, indent=2))
         write_card(args, accelerator, staging, metrics={})
-        run_folder.record_model_files(staging, [p.name for p in staging.iterdir()])
+        if args.export_onnx:
+            args.onnx_export_error = export_onnx(args, staging)
+        names = [path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()]
+        run_folder.record_model_files(staging, names)
+
+
+def export_onnx(args: argparse.Namespace, staging: Path) -> BaseException | None:
+    """The saved model's ONNX graphs in `staging`/onnx; a failure is returned, not raised, so that the model
+    is saved whatever happens to its export (the run ends naming it once the model is scored)."""
+    from clipseg_tools.onnx_export import export
+
+    try:
+        export(
+            str(staging),
+            staging / ONNX_FOLDER,
+            recorded_source=args.hub_model_id or Path(args.output_dir).name,
+        )
+    except Exception as error:
+        logger.error(f"the ONNX export failed: {last_line(error)}")
+        return error
+    return None
 
 
 def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> None:

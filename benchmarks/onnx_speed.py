@@ -6,11 +6,18 @@ Default architecture (CLIP ViT-B/16 with the rd64-refined decoder, 352 px, rando
 depend on them), exported with `clipseg_tools.onnx_export`; each backend runs the whole model (vision tower to
 its last extracted block, text tower, decoder) on the same prepared inputs: batches of 1 and 8 images with 1 and
 4 prompts each. Each figure is the median of --repeats calls after one warm-up call.
+
+    python benchmarks/onnx_speed.py --profile
+
+adds where the time goes: the vision tower (nearly all of the model's time at 352 px) profiled op by op in
+PyTorch (torch.profiler, self time) and in onnxruntime fp32 (its session profiler, kernel time), batches of 1
+and 8 images, 3 calls each after one warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clipseg_tools.demo import demo_words  # noqa: E402
-from clipseg_tools.onnx_export import OnnxClipSeg, export  # noqa: E402
+from clipseg_tools.onnx_export import export  # noqa: E402
+from clipseg_tools.onnx_runtime import OnnxClipSeg  # noqa: E402
 from clipseg_tools.tiny_clip import build_word_tokenizer  # noqa: E402
 from configuration import ClipSegCustomConfig  # noqa: E402
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor  # noqa: E402
@@ -63,9 +71,56 @@ def case_inputs(model: ClipSegCustomModel, images: int, prompts: int) -> dict[st
     }
 
 
+def torch_profile(model: ClipSegCustomModel, pixels: torch.Tensor, calls: int) -> dict[str, float]:
+    """Milliseconds of self CPU time per call, by PyTorch op, of the vision tower."""
+    with torch.inference_mode():
+        model.vision_activations(pixels)
+        with torch.profiler.profile() as profile:
+            for _ in range(calls):
+                model.vision_activations(pixels)
+    return {event.key: event.self_cpu_time_total / calls / 1000 for event in profile.key_averages()}
+
+
+def onnxruntime_profile(graph: Path, pixels: np.ndarray, calls: int) -> dict[str, float]:
+    """Milliseconds of kernel time per call, by ONNX op type, of the vision graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OnnxClipSeg runs it
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"pixel_values": pixels})  # warm-up, before the profiler starts
+    options.enable_profiling = True
+    options.profile_file_prefix = str(graph.parent / "profile")
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    for _ in range(calls + 1):
+        session.run(None, {"pixel_values": pixels})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            by_op[op] = by_op.get(op, 0.0) + event["dur"] / 1000
+    return {op: total / (calls + 1) for op, total in by_op.items()}  # the first call's too: all alike
+
+
+def print_profile(model: ClipSegCustomModel, graph: Path, calls: int = 3) -> None:
+    for images in (1, 8):
+        pixels = np.random.default_rng(0).standard_normal((images, 3, 352, 352), dtype=np.float32)
+        for name, times in (
+            ("PyTorch", torch_profile(model, torch.from_numpy(pixels), calls)),
+            ("onnxruntime fp32", onnxruntime_profile(graph, pixels, calls)),
+        ):
+            total = sum(times.values())
+            top = sorted(times.items(), key=lambda item: -item[1])[:5]
+            shares = ", ".join(f"{op} {ms:.0f} ms ({ms / total:.0%})" for op, ms in top)
+            print(f"vision tower, {images} image(s), {name}: {total:.0f} ms per call; {shares}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also profile the vision tower op by op")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="clipseg_onnx_speed_"))
     model = saved_default_model(folder)
@@ -93,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             f"{rates[p]:.2f} ({rates[p] / rates['pytorch']:.2f}x)" for p in ("fp32", "int8")
         ]
         print(f"| {images} x {prompts} | " + " | ".join(cells) + " |", flush=True)
+    if args.profile:
+        print_profile(model, folder / "onnx" / "vision.onnx")
     return results
 
 

@@ -1,12 +1,17 @@
-"""Export a CLIPSeg model to ONNX, and run the exported graphs with onnxruntime, without PyTorch.
+"""Export a CLIPSeg model to ONNX: graphs for onnxruntime (`clipseg_tools.onnx_runtime` runs them without
+PyTorch), or the layout transformers.js loads in the browser.
 
     python -m clipseg_tools.onnx_export --model demo_output --output demo_onnx
     python -m clipseg_tools.onnx_export --model CIDAS/clipseg-rd64-refined --output rd64_onnx --quantize int8 fp16
+    python -m clipseg_tools.onnx_export --model demo_output --output demo_web --target transformers.js
 
-The model runs as three graphs, as it does in PyTorch, so that one image serves many prompts:
+For onnxruntime (`--target onnxruntime`, the default) the model runs as four graphs, as it does in PyTorch, so
+that one image serves many prompts:
 - `vision.onnx`: pixel_values `[I, 3, S, S]` -> activations `[L, I, 1 + (S / patch)^2, width]`, the outputs of
   the L extracted vision blocks, shallowest first (the tower stops after the last of them);
 - `text.onnx`: input_ids, attention_mask `[P, T]` -> conditional_embeddings `[P, projection_dim]`;
+- `image_prompt.onnx`: conditional_pixel_values `[P, 3, S, S]` (example images) -> conditional_embeddings
+  `[P, projection_dim]` (the whole vision tower and its projection);
 - `decoder.onnx`: activations, conditional_embeddings, image_index `[P]` (the image each prompt reads) ->
   logits `[P, S, S]`.
 I, P and T are dynamic (T up to the text tower's length: `OnnxClipSeg` truncates as `predict()` does); the
@@ -16,11 +21,13 @@ With `--quantize int8` (the default) each graph also gets a dynamically quantise
 weights, activations quantised at run time); with `fp16` a half-precision one, `*_fp16.onnx` (float32 inputs
 and outputs, for runtimes with fast half-precision kernels: a GPU, WebGPU). Beside them: the processor the
 model was saved with, and `onnx_config.json` (the graphs, input size, text length, the model's config, and
-the logits' difference from PyTorch's measured at export).
+the differences from PyTorch measured at export).
 
-`OnnxClipSeg(folder).predict(images, phrases)` gives the maps `ClipSegCustomModel.predict` gives for phrase
-prompts, with onnxruntime, numpy, Pillow and the processor only: this module imports PyTorch only in the
-exporter.
+For transformers.js (`--target transformers.js`) the model is one graph, as its `CLIPSegForImageSegmentation`
+runs it: `onnx/model.onnx` (input_ids, attention_mask `[P, T]`, pixel_values `[I, 3, S, S]` -> logits
+`[P, S, S]`; I is 1, every prompt reading that image, or P, prompt k reading image k),
+`onnx/model_quantized.onnx` (int8) and `onnx/model_fp16.onnx`, beside a transformers `CLIPSegConfig`
+(config.json), the processor's files and a model card.
 """
 
 from __future__ import annotations
@@ -31,36 +38,34 @@ import logging as logging_module
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 from transformers.utils import logging
 
 from .cli import ArgumentParser, run_command, setup_logging
 from .errors import FAILED, CommandError
 from .files import atomic_folder
+from .hub import hub_access_problem, push_folder
+from .onnx_runtime import PARTS, SETTINGS_FILE, OnnxClipSeg, graph_file
 
 logger = logging.get_logger(__name__)
 
-SETTINGS_FILE = "onnx_config.json"
-FORMAT_VERSION = 1
-PARTS = ("vision", "text", "decoder")
+FORMAT_VERSION = 2
 # The exporter's opsets: scaled_dot_product_attention needs 14; the TorchScript exporter stops at 20.
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 14, 20, 17
 # Beyond this relative difference from PyTorch's logits an fp32 export is wrong, not rounded: it is refused.
 FP32_LIMIT = 1e-3
-# How long `predict` waits for an image given by URL, as the PyTorch model's.
-URL_TIMEOUT_SECONDS = 30.0
 # The phrases whose token ids trace the text graph (any in-vocabulary ones would do).
 EXAMPLE_PHRASES = ("a photo", "something", "the background of the picture")
 DESCRIPTION = (
     "Export a model to ONNX: vision.onnx (the vision tower up to its last extracted block), text.onnx (the "
     "phrase embeddings) and decoder.onnx, so that one image serves many prompts, with dynamic image, prompt "
     "and token counts and the image size fixed at the model's config.image_size; with its processor and "
-    f"{SETTINGS_FILE}, read by clipseg_tools.onnx_export.OnnxClipSeg (onnxruntime, no PyTorch)."
+    f"{SETTINGS_FILE}, read by clipseg_tools.onnx_runtime.OnnxClipSeg (onnxruntime, no PyTorch)."
 )
 
 # Per graph: its inputs, its outputs, and their dynamic axes.
@@ -79,6 +84,11 @@ GRAPHS = {
             "conditional_embeddings": {0: "prompts"},
         },
     ),
+    "image_prompt": (
+        ("conditional_pixel_values",),
+        ("conditional_embeddings",),
+        {"conditional_pixel_values": {0: "prompts"}, "conditional_embeddings": {0: "prompts"}},
+    ),
     "decoder": (
         ("activations", "conditional_embeddings", "image_index"),
         ("logits",),
@@ -92,216 +102,6 @@ GRAPHS = {
 }
 
 
-def graph_file(part: str, precision: str) -> str:
-    return f"{part}.onnx" if precision == "fp32" else f"{part}_{precision}.onnx"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The runner: onnxruntime, numpy and the processor, no PyTorch
-# ----------------------------------------------------------------------------------------------------------
-
-
-class OnnxClipSeg:
-    """The exported graphs of a model, run with onnxruntime.
-
-    Example:
-
-    ```python
-    >>> from clipseg_tools.onnx_export import OnnxClipSeg
-    >>> model = OnnxClipSeg("rd64_onnx", precision="int8")
-    >>> maps = model.predict("street.jpg", ["a red car", "the sky"])
-    >>> maps[0].shape  # probabilities per prompt at the photo's own size
-    (2, 480, 640)
-    ```
-    """
-
-    def __init__(
-        self,
-        folder: str | os.PathLike,
-        precision: str = "fp32",
-        providers: Sequence[str] | None = None,
-        session_options: Any = None,
-    ):
-        import onnxruntime as ort
-
-        self.folder = Path(folder)
-        self.settings = json.loads((self.folder / SETTINGS_FILE).read_text(encoding="utf-8"))
-        files = self.settings["graphs"].get(precision)
-        if files is None:
-            raise ValueError(
-                f"{self.folder} holds no {precision} graphs (it holds {', '.join(self.settings['graphs'])})"
-            )
-        providers = list(providers or ["CPUExecutionProvider"])
-        if session_options is None:
-            session_options = ort.SessionOptions()
-            # Errors only: on a CPU, fp16 graphs warn of each constant that has no fp16 kernel to fold it.
-            session_options.log_severity_level = 3
-        self.sessions = {
-            part: ort.InferenceSession(
-                str(self.folder / files[part]), sess_options=session_options, providers=providers
-            )
-            for part in PARTS
-        }
-        self.image_size = int(self.settings["image_size"])
-        self.max_text_length = int(self.settings["max_text_length"])
-        self._processor = None
-
-    @property
-    def processor(self) -> Any:
-        """The processor saved with the graphs (its tokenizer and image normalisation), loaded when first used."""
-        if self._processor is None:
-            from transformers import AutoProcessor
-
-            self._processor = AutoProcessor.from_pretrained(self.folder)
-        return self._processor
-
-    # --- the graphs one by one, as the model's methods of the same names ---
-
-    def vision_activations(self, pixel_values: np.ndarray) -> np.ndarray:
-        """`[I, 3, S, S]` normalised pixels -> `[L, I, tokens, width]` activations of the extracted blocks."""
-        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
-        return self.sessions["vision"].run(None, feeds)[0]
-
-    def text_embeddings(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """`[P, T]` tokens (T at most `max_text_length`) -> `[P, projection_dim]` conditional embeddings."""
-        feeds = {
-            "input_ids": np.asarray(input_ids, dtype=np.int64),
-            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-        }
-        return self.sessions["text"].run(None, feeds)[0]
-
-    def decode(self, activations: np.ndarray, embeddings: np.ndarray, image_index: np.ndarray) -> np.ndarray:
-        """Activations `[L, I, tokens, width]`, embeddings `[P, D]`, image_index `[P]` -> logits `[P, S, S]`."""
-        feeds = {
-            "activations": activations,
-            "conditional_embeddings": np.asarray(embeddings, dtype=np.float32),
-            "image_index": np.asarray(image_index, dtype=np.int64),
-        }
-        return self.sessions["decoder"].run(None, feeds)[0]
-
-    def logits(
-        self,
-        pixel_values: np.ndarray,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        image_index: np.ndarray,
-    ) -> np.ndarray:
-        """What `model(pixel_values=..., input_ids=..., attention_mask=..., image_index=...).logits` gives."""
-        activations = self.vision_activations(pixel_values)
-        return self.decode(activations, self.text_embeddings(input_ids, attention_mask), image_index)
-
-    # --- high-level inference ---
-
-    def predict(self, images: Any, prompts: Any, batch_size: int = 8) -> list[np.ndarray]:
-        """Probability maps per phrase at each image's original size, as `ClipSegCustomModel.predict`.
-
-        Args:
-            images: a PIL image, an array (H, W) or (H, W, 1|3|4), a file path or an http(s) URL, or a list of
-                them.
-            prompts: for one image, a phrase or a list of phrases; for a list of images, one such entry per
-                image. (Example-image prompts need the PyTorch model: the graphs embed phrases only.)
-            batch_size: images per run of the graphs.
-
-        Returns:
-            one float32 array `[K, height, width]` per image, K its number of phrases, values in [0, 1].
-        """
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
-        phrase_lists = _phrase_lists(prompts, len(images), single)
-        pil_images = [_rgb_image(image, f"images[{i}]") for i, image in enumerate(images)]
-        maps = []
-        for start in range(0, len(pil_images), batch_size):
-            chunk = slice(start, start + batch_size)
-            maps.extend(self._predict_chunk(pil_images[chunk], phrase_lists[chunk]))
-        return maps
-
-    def _predict_chunk(self, images: list[Image.Image], phrase_lists: list[list[str]]) -> list[np.ndarray]:
-        size = self.image_size
-        pixels = self.processor.image_processor(
-            images=images, size={"height": size, "width": size}, return_tensors="np"
-        )["pixel_values"]
-        phrases = [phrase for phrase_list in phrase_lists for phrase in phrase_list]
-        tokens = self.processor.tokenizer(
-            phrases, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="np"
-        )
-        image_index = np.array([i for i, phrase_list in enumerate(phrase_lists) for _ in phrase_list])
-        logits = self.logits(pixels, tokens["input_ids"], tokens["attention_mask"], image_index)
-        maps, offset = [], 0
-        for image, phrase_list in zip(images, phrase_lists):
-            own = logits[offset : offset + len(phrase_list)]
-            offset += len(phrase_list)
-            maps.append(sigmoid(resize_bilinear(own, image.height, image.width)))
-        return maps
-
-
-def _phrase_lists(prompts: Any, num_images: int, single: bool) -> list[list[str]]:
-    """One list of phrases per image, refused as `predict()` refuses them (and example images, which the
-    graphs cannot embed)."""
-    lists = [prompts] if single else list(prompts)
-    if len(lists) != num_images:
-        raise ValueError(f"got {num_images} images but {len(lists)} prompt lists: give one per image")
-    lists = [list(p) if isinstance(p, (list, tuple)) else [p] for p in lists]
-    if not lists or any(not p for p in lists):
-        raise ValueError("every image needs at least one prompt")
-    for i, phrase_list in enumerate(lists):
-        for k, phrase in enumerate(phrase_list):
-            name = f"prompts[{k}]" if single else f"prompts[{i}][{k}]"
-            if not isinstance(phrase, str) or phrase.startswith(("http://", "https://")):
-                raise ValueError(f"{name}: the ONNX graphs take phrases only; example images need PyTorch")
-            if not phrase.strip():
-                raise ValueError(f"{name} is an empty phrase: give a phrase")
-    return lists
-
-
-def _rgb_image(image: Any, name: str) -> Image.Image:
-    """A PIL RGB image from an image of any mode, an array as `predict()` takes it, or a file path or http(s)
-    URL (turned upright by its EXIF orientation, as `predict()` does)."""
-    if isinstance(image, str) and image.startswith(("http://", "https://")):
-        from transformers.image_utils import load_image
-
-        image = load_image(image, timeout=URL_TIMEOUT_SECONDS)
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"{name}: {path} is not a file")
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)  # a copy: the file is closed on return
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ValueError(f"{name}: expected an array (H, W) or (H, W, 3|4), got shape {array.shape}")
-    if array.dtype != np.uint8:  # floats in [0, 1], as predict() reads them
-        array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
-    return Image.fromarray(array).convert("RGB")
-
-
-def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`[K, h, w]` -> `[K, height, width]`, as PyTorch's `interpolate(mode="bilinear")` (half-pixel centres,
-    no antialiasing), which `predict()` uses."""
-    rows_low, rows_high, rows_frac = _bilinear_sources(maps.shape[1], height)
-    rows = maps[:, rows_low] * (1 - rows_frac)[:, None] + maps[:, rows_high] * rows_frac[:, None]
-    cols_low, cols_high, cols_frac = _bilinear_sources(maps.shape[2], width)
-    return rows[:, :, cols_low] * (1 - cols_frac) + rows[:, :, cols_high] * cols_frac
-
-
-def _bilinear_sources(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each output position: the two input positions it lies between and its weight on the second."""
-    scale = np.float32(size_in / size_out)  # float32 throughout: PyTorch's source positions to the last bit
-    centres = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
-    source = np.maximum(centres * scale - np.float32(0.5), 0)
-    low = np.minimum(source.astype(np.int64), size_in - 1)
-    return low, np.minimum(low + 1, size_in - 1), (source - low).astype(np.float32)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import expit  # no overflow warning for large negative logits
-
-    return expit(logits).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The exporter (PyTorch)
 # ----------------------------------------------------------------------------------------------------------
@@ -312,26 +112,41 @@ def export(
     output: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     quantize: Sequence[str] = ("int8",),
+    target: str = "onnxruntime",
+    recorded_source: str | None = None,
 ) -> Path:
-    """Write the model's graphs to the new folder `output` (see the module's docstring); a failed export leaves
-    no folder. Raises `CommandError` for a folder that holds files, a model that does not load, or graphs the
-    installed onnxruntime cannot run."""
+    """Write the model's graphs to the new folder `output` for `target` ("onnxruntime" or "transformers.js", see
+    the module's docstring); a failed export leaves no folder. Raises `CommandError` for a folder that holds
+    files, a model that does not load, or graphs the installed onnxruntime cannot run. `recorded_source`: the
+    model's name in the folder's settings and card (default: `model_source`)."""
     output = Path(output)
     check_output(output)
     _require_onnx()
     model, processor = load_model(model_source)
-    logger.info(f"exporting {model_source} to ONNX (opset {opset})")
+    logger.info(f"exporting {model_source} to ONNX for {target} (opset {opset})")
     inputs = example_inputs(model, processor)
     with atomic_folder(output) as staging:
-        graphs = {"fp32": write_graphs(model, inputs, staging, opset)}
-        for precision in quantize:
-            graphs[precision] = QUANTIZERS[precision](staging)
-        settings = export_settings(model, model_source, opset, graphs)
-        write_settings(staging, settings)
-        settings["logits_relative_difference"] = check_parity(model, inputs, staging, graphs)
-        write_settings(staging, settings)
-        processor.save_pretrained(staging)
+        if target == "transformers.js":
+            from .web_export import write_card, write_transformers_js
+
+            parity = write_transformers_js(model, processor, inputs, staging, opset, list(quantize))
+            write_card(staging, output.name, recorded_source or model_source, parity)
+        else:
+            source = recorded_source or model_source
+            write_runtime_folder(model, processor, source, inputs, staging, opset, quantize)
     return output
+
+
+def write_runtime_folder(model, processor, source: str, inputs, folder: Path, opset: int, quantize) -> None:
+    """The graphs for `OnnxClipSeg`, their quantised copies, the processor and the settings."""
+    graphs = {"fp32": write_graphs(model, inputs, folder, opset)}
+    for precision in quantize:
+        graphs[precision] = QUANTIZERS[precision](folder)
+    settings = export_settings(model, source, opset, graphs)
+    write_settings(folder, settings)
+    settings["relative_difference"] = check_parity(model, inputs, folder, graphs)
+    write_settings(folder, settings)
+    processor.save_pretrained(folder)
 
 
 def write_settings(folder: Path, settings: dict[str, Any]) -> None:
@@ -391,6 +206,7 @@ def graph_modules(model: Any) -> dict[str, Any]:
     modules = {
         "vision": Graph(lambda pixel_values: torch.stack(model.vision_activations(pixel_values))),
         "text": Graph(model.text_embeddings),
+        "image_prompt": Graph(model.image_embeddings),
         "decoder": Graph(decoder),
     }
     # The exporter restores each module's mode afterwards; a module left in training mode would put the
@@ -404,7 +220,9 @@ def example_inputs(model: Any, processor: Any) -> dict[str, tuple]:
     import torch
 
     size = model.config.image_size
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    examples = torch.randn(3, 3, size, size, generator=generator)
     # Cut to the text tower's length as the runner does: a longer row would trace the model's own cutting,
     # which no fed input needs.
     limit = model.config.text_config.max_position_embeddings
@@ -419,98 +237,148 @@ def example_inputs(model: Any, processor: Any) -> dict[str, tuple]:
     return {
         "vision": (pixels,),
         "text": (ids, mask),
+        "image_prompt": (examples,),
         "decoder": (activations, embeddings, image_index),
     }
 
 
 def write_graphs(model: Any, inputs: dict[str, tuple], folder: Path, opset: int) -> dict[str, str]:
     """The fp32 graphs, traced by PyTorch's TorchScript exporter on `inputs`; their file names by part."""
+    files = {}
+    with fixed_position_embeddings(model):
+        for part, module in graph_modules(model).items():
+            files[part] = graph_file(part, "fp32")
+            export_graph(module, inputs[part], folder / files[part], GRAPHS[part], opset)
+    return files
+
+
+@contextmanager
+def fixed_position_embeddings(model: Any) -> Iterator[None]:
+    """While tracing, the vision tower's position embeddings at the graphs' one image size, as a constant.
+    Traced as they are, CLIP's embeddings resize the pre-training grid (bicubic) at every run, since the
+    tracer keeps the image size dynamic: a tenth of the vision graph's time at 352 px on a CPU."""
     import torch
 
-    files = {}
-    for part, module in graph_modules(model).items():
-        input_names, output_names, dynamic_axes = GRAPHS[part]
-        files[part] = graph_file(part, "fp32")
-        with warnings.catch_warnings(), torch.no_grad():
-            # The tracer warns of each Python condition on a shape (text length against the tower's limit and
-            # the like): each holds for every length the runner feeds, which the tests run at other lengths.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            # The TorchScript exporter is deprecated (and says so twice per graph), but the dynamo exporter
-            # would need onnxscript, and this one traces these graphs as they are.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.filterwarnings("ignore", "Exporting aten::index", UserWarning)  # no negative indices fed
-            torch.onnx.export(
-                module,
-                inputs[part],
-                str(folder / files[part]),
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                dynamo=False,
-            )
-    return files
+    embeddings = model.clip.vision_model.embeddings
+    size = model.config.image_size
+    tokens = 1 + (size // model.config.vision_config.patch_size) ** 2
+    with torch.no_grad():
+        dummy = torch.zeros(1, tokens, embeddings.embed_dim, dtype=embeddings.position_embedding.weight.dtype)
+        fixed = embeddings.interpolate_pos_encoding(dummy, size, size).clone()
+    embeddings.interpolate_pos_encoding = lambda _embeddings, height, width: fixed
+    try:
+        yield
+    finally:
+        del embeddings.interpolate_pos_encoding  # the class's method again
+
+
+def export_graph(module: Any, inputs: tuple, path: Path, names: tuple, opset: int) -> None:
+    """One module traced on `inputs` into an ONNX file; `names`: its input names, output names, dynamic axes."""
+    import torch
+
+    input_names, output_names, dynamic_axes = names
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns of each Python condition on a shape (text length against the tower's limit and
+        # the like): each holds for every length the runner feeds, which the tests run at other lengths.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # The TorchScript exporter is deprecated (and says so twice per graph), but the dynamo exporter
+        # would need onnxscript, and this one traces these graphs as they are.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index", UserWarning)  # no negative indices fed
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
 
 
 def quantize_int8(folder: Path) -> dict[str, str]:
     """Dynamic int8 quantisation: weights of the matrix products stored as int8, activations quantised at run
     time (no calibration images needed)."""
+    files = {}
+    for part in PARTS:
+        files[part] = graph_file(part, "int8")
+        quantize_file(folder / graph_file(part, "fp32"), folder / files[part], signed=True)
+    return files
+
+
+def quantize_file(source: Path, target: Path, signed: bool) -> None:
+    """`source` quantised dynamically into `target`, with int8 (`signed`) or uint8 weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    files = {}
     # The quantiser logs every tensor it skips on the root logger, and advises its shape pre-processing, which
     # made these graphs neither faster nor closer to fp32 when measured.
     logging_module.disable(logging_module.WARNING)
     try:
-        for part in PARTS:
-            files[part] = graph_file(part, "int8")
-            source, target = folder / graph_file(part, "fp32"), folder / files[part]
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8 if signed else QuantType.QUInt8)
     finally:
         logging_module.disable(logging_module.NOTSET)
-    return files
 
 
 def convert_fp16(folder: Path) -> dict[str, str]:
     """Half-precision weights and computation, float32 inputs and outputs (the runner feeds the same arrays)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     files = {}
     for part in PARTS:
         files[part] = graph_file(part, "fp16")
-        graph = onnx.load(str(folder / graph_file(part, "fp32")))
-        onnx.save(convert_float_to_float16(graph, keep_io_types=True), str(folder / files[part]))
+        fp16_file(folder / graph_file(part, "fp32"), folder / files[part])
     return files
 
 
+def fp16_file(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    graph = onnx.load(str(source))
+    onnx.save(convert_float_to_float16(graph, keep_io_types=True), str(target))
+
+
 QUANTIZERS = {"int8": quantize_int8, "fp16": convert_fp16}
+TARGETS = ("onnxruntime", "transformers.js")
 
 
 def check_parity(
     model: Any, inputs: dict[str, tuple], folder: Path, graphs: dict[str, dict]
-) -> dict[str, float]:
-    """Each precision's logits against PyTorch's on the example inputs, as the largest difference relative to
-    the largest logit; an fp32 export beyond `FP32_LIMIT`, or graphs onnxruntime cannot load, are refused."""
+) -> dict[str, dict[str, float]]:
+    """Each precision's logits, and its example images' embeddings, against PyTorch's on the example inputs,
+    as the largest difference relative to the largest value; an fp32 export beyond `FP32_LIMIT`, or graphs
+    onnxruntime cannot load, are refused."""
     import torch
 
     pixels, (ids, mask), image_index = inputs["vision"][0], inputs["text"], inputs["decoder"][2]
+    examples = inputs["image_prompt"][0]
     with torch.no_grad():
         expected = model(pixel_values=pixels, input_ids=ids, attention_mask=mask, image_index=image_index)
+        expected_examples = model.image_embeddings(examples).numpy()
     expected = expected.logits.numpy()
-    parity = {}
+    parity = {"logits": {}, "image_prompt_embeddings": {}}
     for precision in graphs:
         runner = _runner(folder, precision)
         got = runner.logits(pixels.numpy(), ids.numpy(), mask.numpy(), image_index.numpy())
-        parity[precision] = float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
-        logger.info(f"{precision} graphs: logits within {parity[precision]:.1e} of PyTorch's (relative)")
-    if parity["fp32"] > FP32_LIMIT:
+        parity["logits"][precision] = relative_difference(got, expected)
+        got = runner.image_embeddings(examples.numpy())
+        parity["image_prompt_embeddings"][precision] = relative_difference(got, expected_examples)
+        logger.info(
+            f"{precision} graphs: logits within {parity['logits'][precision]:.1e} of PyTorch's, example-image "
+            f"embeddings within {parity['image_prompt_embeddings'][precision]:.1e} (relative)"
+        )
+    worst = max(parity["logits"]["fp32"], parity["image_prompt_embeddings"]["fp32"])
+    if worst > FP32_LIMIT:
         raise CommandError(
-            f"the exported fp32 graphs' logits differ from PyTorch's by {parity['fp32']:.1e} (relative, more "
-            f"than {FP32_LIMIT:g}): this model does not export correctly",
+            f"the exported fp32 graphs differ from PyTorch by {worst:.1e} (relative, more than {FP32_LIMIT:g}): "
+            "this model does not export correctly",
             FAILED,
         )
     return parity
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest difference relative to the largest expected magnitude."""
+    return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-12))
 
 
 def _runner(folder: Path, precision: str) -> OnnxClipSeg:
@@ -542,7 +410,7 @@ def export_settings(model: Any, source: str, opset: int, graphs: dict[str, dict]
         "max_text_length": config.text_config.max_position_embeddings,
         "opset": opset,
         "graphs": graphs,
-        "logits_relative_difference": None,  # measured once the graphs are written
+        "relative_difference": None,  # from PyTorch's, measured once the graphs are written
         "inputs": {part: list(GRAPHS[part][0]) for part in PARTS},
         "outputs": {part: list(GRAPHS[part][1]) for part in PARTS},
         "versions": {
@@ -580,6 +448,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="copies besides the fp32 graphs (always written): int8 (dynamic quantisation, *_int8.onnx), "
         "fp16 (*_fp16.onnx), or none",
     )
+    parser.add_argument(
+        "--target",
+        default="onnxruntime",
+        choices=TARGETS,
+        help="onnxruntime: four graphs for clipseg_tools.onnx_runtime (one image, many prompts); "
+        "transformers.js: onnx/model.onnx (+ model_quantized.onnx, model_fp16.onnx), config.json and the "
+        "processor, as transformers.js loads CLIPSeg in the browser",
+    )
+    parser.add_argument(
+        "--push_to_hub",
+        metavar="NAMESPACE/NAME",
+        help="upload the written folder to this model repository (created if needed)",
+    )
+    parser.add_argument("--hub_private_repo", action="store_true", help="create the repository private")
     args = parser.parse_args(argv)
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         parser.error(f"--opset must lie in {MIN_OPSET}..{MAX_OPSET} (PyTorch's TorchScript exporter)")
@@ -593,9 +475,24 @@ def run(argv: list[str] | None = None) -> Path:
     """The command without its error policy (`main` adds it)."""
     args = parse_args(argv)
     setup_logging()
-    folder = export(args.model, args.output, opset=args.opset, quantize=args.quantize)
-    written = ", ".join(sorted(path.name for path in folder.glob("*.onnx")))
+    if args.push_to_hub:
+        problem = hub_access_problem(token=None)
+        if problem:
+            raise CommandError(f"--push_to_hub: {problem}")
+    folder = export(args.model, args.output, opset=args.opset, quantize=args.quantize, target=args.target)
+    written = ", ".join(sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.onnx")))
     logger.info(f"{written} and the processor in {folder}/")
+    if args.push_to_hub:
+        files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+        url = push_folder(
+            folder,
+            args.push_to_hub,
+            files=files,
+            what="The export",
+            private=args.hub_private_repo,
+            commit_message=f"Upload ONNX export ({args.target}) made with clipseg-finetune",
+        )
+        logger.info(f"Pushed {folder} to {url}")
     return folder
 
 

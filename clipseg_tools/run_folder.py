@@ -42,6 +42,11 @@ def model_files(folder: Path) -> list[str]:
         raise CommandError(f"{listing} is damaged ({error}): it lists the files a run saved") from error
 
 
+def top_level_entries(names: list[str]) -> list[str]:
+    """The folder's entries that hold these files (`onnx/vision.onnx` is held by `onnx`), in order."""
+    return list(dict.fromkeys(Path(name).parts[0] for name in names))
+
+
 def record_model_files(folder: Path, names: list[str]) -> None:
     write_text_atomically(Path(folder) / RUN_FILES, json.dumps({"files": sorted(names)}, indent=2))
 
@@ -56,7 +61,7 @@ def foreign_entries(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    ours = {*RUN_ENTRIES, *model_files(folder)}
+    ours = {*RUN_ENTRIES, *top_level_entries(model_files(folder))}
     return sorted(entry.name for entry in folder.iterdir() if entry.name not in ours)
 
 
@@ -64,7 +69,7 @@ def remove_run(folder: Path) -> list[str]:
     """Remove what a run wrote (model files, checkpoints, logs) and nothing else; returns the names removed."""
     folder = Path(folder)
     removed = []
-    for name in [*model_files(folder), *RUN_ENTRIES]:
+    for name in [*top_level_entries(model_files(folder)), *RUN_ENTRIES]:
         path = folder / name
         if name == LOCK_FILE or not (path.exists() or path.is_symlink()):
             continue

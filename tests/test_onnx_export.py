@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer
 
-from clipseg_tools import onnx_export
-from clipseg_tools.onnx_export import OnnxClipSeg, main
+from clipseg_tools import onnx_export, onnx_runtime
+from clipseg_tools.onnx_export import main
+from clipseg_tools.onnx_runtime import OnnxClipSeg
 from clipseg_tools.tiny_clip import tiny_clip_configs
 from configuration import ClipSegCustomConfig
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
@@ -103,11 +104,13 @@ def pytorch_and_onnx_logits(exported, precision: str) -> tuple[np.ndarray, np.nd
 def test_folder_holds_the_graphs_processor_and_settings(exported):
     _, _, folder = exported
     names = {path.name for path in folder.iterdir()}
-    graphs = {f"{part}{suffix}.onnx" for part in ("vision", "text", "decoder") for suffix in ("", "_int8")}
+    parts = ("vision", "text", "image_prompt", "decoder")
+    graphs = {f"{part}{suffix}.onnx" for part in parts for suffix in ("", "_int8")}
     assert graphs <= names and "tokenizer_config.json" in names
     settings = json.loads((folder / "onnx_config.json").read_text())
     assert settings["image_size"] == 64 and settings["max_text_length"] == 16
-    assert settings["logits_relative_difference"]["fp32"] < 1e-4
+    assert settings["relative_difference"]["logits"]["fp32"] < 1e-4
+    assert settings["relative_difference"]["image_prompt_embeddings"]["fp32"] < 1e-4
     assert not any(name.startswith(".") for name in names)
 
 
@@ -139,7 +142,7 @@ def test_predict_without_torch_equals_pytorch_predict(exported, tmp_path):
         "import sys, numpy as np\n"
         "sys.modules['torch'] = sys.modules['torchvision'] = None  # any import of torch fails\n"
         f"sys.path.insert(0, {str(REPO_ROOT)!r})\n"
-        "from clipseg_tools.onnx_export import OnnxClipSeg\n"
+        "from clipseg_tools.onnx_runtime import OnnxClipSeg\n"
         f"maps = OnnxClipSeg({str(folder)!r}).predict({[str(p) for p in paths]!r}, {prompts!r})\n"
         f"np.savez({str(tmp_path / 'maps.npz')!r}, *maps)\n"
         "assert sys.modules['torch'] is None\n"
@@ -183,3 +186,94 @@ def test_fp16_graphs_at_another_opset(saved_models, tmp_path):
     got, expected = pytorch_and_onnx_logits(exported, "fp16")
     assert relative_difference(got, expected) < 5e-3
     assert iou(got > 0, expected > 0) > 0.97
+
+
+def random_images(count: int, seed: int = 1) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for width, height in SIZES
+    ][:count]
+
+
+def test_example_image_prompts_give_pytorch_maps(exported):
+    """An example image, a phrase and a second example image for one image: the image_prompt graph embeds
+    the examples as the model's vision tower does."""
+    model, processor, folder = exported
+    photo, example = random_images(2)
+    prompts = [example, "red circle", example.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    expected = model.predict(photo, prompts, processor)[0].numpy()
+    got = OnnxClipSeg(folder).predict(photo, prompts)[0]
+    assert got.shape == expected.shape == (3, photo.height, photo.width)
+    assert np.abs(got - expected).max() < 1e-5
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # the example's map is not the phrase's
+
+
+def test_segmenter_gives_the_pipelines_masks(exported):
+    """`OnnxSegmenter` (onnxruntime) against the project's pipeline on the same model: labels, scores and
+    masks, binary, probabilities and multi-class."""
+    from pipeline_clipseg import TASK, ClipSegSegmentationPipeline
+
+    model, processor, folder = exported
+    images = random_images(2, seed=3)
+    pipe = ClipSegSegmentationPipeline(model=model, processor=processor, task=TASK)
+    onnx = onnx_runtime.OnnxSegmenter(folder)
+    for options in ({}, {"threshold": None}, {"multiclass": True}):
+        expected = pipe(images, prompts=PHRASES, **options)
+        got = onnx(images, prompts=PHRASES, **options)
+        for got_image, expected_image in zip(got, expected, strict=True):
+            for g, e in zip(got_image, expected_image, strict=True):
+                assert g["label"] == e["label"]
+                assert abs(g["score"] - e["score"]) < 1e-5
+                difference = np.abs(np.asarray(g["mask"], dtype=int) - np.asarray(e["mask"], dtype=int))
+                assert (
+                    difference.max() <= 1
+                    if options.get("threshold", 0.3) is None
+                    else difference.mean() < 1e-3
+                )
+
+
+def test_onnx_folder_finds_the_graphs_of_a_model_folder(exported, tmp_path):
+    _, _, folder = exported
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    (model_folder / "onnx").symlink_to(folder)
+    assert onnx_runtime.onnx_folder(model_folder) == model_folder / "onnx"
+    assert onnx_runtime.onnx_folder(folder) == folder
+    with pytest.raises(ValueError, match="holds no exported graphs"):
+        onnx_runtime.onnx_folder(tmp_path)
+
+
+def test_transformers_js_layout_runs_as_transformers_js_feeds_it(saved_models, tmp_path):
+    """`--target transformers.js`: onnx/model.onnx and model_quantized.onnx, fed by input name with one
+    image for all phrases and with images paired to phrases, give PyTorch's logits; config.json is a stock
+    CLIPSeg config; a failed check leaves no folder."""
+    import onnxruntime as ort
+    from transformers import AutoConfig
+
+    model, model_folder = saved_models["plain-16"]
+    output = tmp_path / "web"
+    assert main(["--model", str(model_folder), "--output", str(output), "--target", "transformers.js"]) == 0
+    names = {path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file()}
+    assert {"onnx/model.onnx", "onnx/model_quantized.onnx", "config.json", "README.md"} <= names
+    assert {"preprocessor_config.json", "tokenizer_config.json"} <= names
+    assert AutoConfig.from_pretrained(output).model_type == "clipseg"
+    processor = AutoProcessor.from_pretrained(output)
+    assert processor.image_processor.size == {"height": 64, "width": 64}
+    tokens = processor.tokenizer(PHRASES, padding=True, return_tensors="np")
+    pixels = processor.image_processor(random_images(2), return_tensors="np")["pixel_values"]
+    for file, bound in (("model.onnx", 1e-4), ("model_quantized.onnx", None)):
+        session = ort.InferenceSession(str(output / "onnx" / file), providers=["CPUExecutionProvider"])
+        assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "pixel_values"}
+        for images, image_index in ((pixels[:1], [0, 0, 0]), (pixels[[0, 1, 0]], [0, 1, 2])):
+            feeds = {**tokens, "pixel_values": images}
+            got = session.run(["logits"], feeds)[0]
+            with torch.no_grad():
+                expected = model(
+                    **{k: torch.from_numpy(v) for k, v in feeds.items()},
+                    image_index=torch.tensor(image_index),
+                ).logits.numpy()
+            assert got.shape == (3, 64, 64)
+            if bound:
+                assert relative_difference(got, expected) < bound
+            else:
+                assert iou(got > 0, expected > 0) > 0.9

@@ -294,3 +294,66 @@ def test_grey_rgba_palette_and_cmyk_photos_are_segmented_too(tmp_path, model_dir
     assert len(rows) == 4
     for row in rows:
         assert Image.open(out / row["overlay"]).size == (40, 30)
+
+
+@pytest.fixture(scope="module")
+def onnx_model_dir(model_dir, tmp_path_factory):
+    """The tiny model's folder with its graphs in onnx/ (fp32 and int8), as `run_train.py --export_onnx` saves."""
+    from clipseg_tools.onnx_export import export
+
+    folder = tmp_path_factory.mktemp("with_onnx")
+    for path in model_dir.iterdir():
+        (folder / path.name).symlink_to(path)
+    export(str(model_dir), folder / "onnx")
+    return folder
+
+
+def test_onnxruntime_backend_gives_pytorchs_masks(tmp_path, onnx_model_dir, loaded):
+    """`--backend onnxruntime` on a model folder holding its graphs: the fp32 graphs give the PyTorch
+    backend's masks and scores (text and example-image prompts), int8 nearly the same; records keep the
+    backends apart (a rerun on the other backend redoes the images)."""
+    photos = write_photos(tmp_path / "photos")
+    (example,) = write_photos(tmp_path / "examples", {"star.png": (24, 24)}, seed=3)
+    prompts = ["--prompts", *PROMPTS, "--example_images", str(example)]
+    runs = {}
+    for name, backend in {
+        "pytorch": [],
+        "fp32": ["--backend", "onnxruntime"],
+        "int8": ["--backend", "onnxruntime", "--onnx_precision", "int8"],
+    }.items():
+        out = tmp_path / name
+        argv = predict_args(onnx_model_dir, out, "--images", str(tmp_path / "photos"), *prompts, *backend)
+        assert main(argv) == 0
+        runs[name] = out
+    reference, _ = scores(runs["pytorch"])
+    for name, agreement in (("fp32", 0.999), ("int8", 0.9)):
+        rows, payload = scores(runs[name])
+        assert payload["backend"] == f"onnxruntime {name}"
+        assert [(r["image"], r["prompt"]) for r in rows] == [(r["image"], r["prompt"]) for r in reference]
+        tolerance = 1e-5 if name == "fp32" else 0.1
+        assert all(abs(float(a["score"]) - float(b["score"])) < tolerance for a, b in zip(rows, reference))
+        for path in photos:
+            for slug in ("red_circle", "blue_square", "star"):
+                got = np.asarray(Image.open(runs[name] / path.stem / f"{slug}.png"))
+                expected = np.asarray(Image.open(runs["pytorch"] / path.stem / f"{slug}.png"))
+                assert (got == expected).mean() >= agreement
+    assert scores(runs["pytorch"])[1]["backend"] == "pytorch"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--backend", "onnxruntime"], "holds no exported graphs (onnx_config.json neither there nor in onnx/)"),
+        (["--backend", "onnxruntime", "--model", "{onnx}", "--onnx_precision", "fp16"], "holds fp32, int8 graphs only"),
+        (["--backend", "onnxruntime", "--model", "{onnx}", "--bf16"], "--bf16 is the pytorch backend's"),
+    ],
+)  # fmt: skip
+def test_onnxruntime_backend_bad_input(tmp_path, model_dir, onnx_model_dir, capsys, extra, message):
+    write_photos(tmp_path / "photos", {"a.png": (20, 20)})
+    extra = [arg.format(onnx=onnx_model_dir) for arg in extra]
+    argv = predict_args(model_dir, tmp_path / "out", "--images", str(tmp_path / "photos"), "--prompts", "red")
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, *extra])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error and error.strip().count("\n") <= 1 and not (tmp_path / "out").exists()

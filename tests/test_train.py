@@ -823,3 +823,42 @@ def test_compiled_model_trains_like_eager(tmp_path, synthetic_data, tiny_clip_di
     results = json.loads((out / "all_results.json").read_text())
     assert results["num_processes"] == 2
     assert results["decoder_checksum_per_process"][0] == results["decoder_checksum_per_process"][1]
+
+
+def test_export_onnx_saves_graphs_beside_the_model_and_pushes_them(tmp_path, synthetic_data, tiny_clip_dir):
+    """`--export_onnx`: the saved model's graphs in onnx/, listed with the model's files (pushed with them,
+    removed by an overwrite, never foreign), giving the saved model's maps with onnxruntime."""
+    import numpy as np
+    from PIL import Image
+
+    import run_train
+    from clipseg_tools import run_folder
+    from clipseg_tools.onnx_runtime import OnnxClipSeg, onnx_folder
+    from modeling_clipseg_custom import ClipSegCustomModel
+
+    out = tmp_path / "out"
+    argv = train_args(synthetic_data, tiny_clip_dir, out, "--max_train_steps", "2", "--export_onnx")
+    result = run_script(argv)
+    assert result.returncode == 0, result.stderr[-4000:]
+    listed = run_folder.model_files(out)
+    assert {"onnx/vision.onnx", "onnx/image_prompt_int8.onnx", "onnx/onnx_config.json"} <= set(listed)
+    assert run_folder.foreign_entries(out) == [] and not (out / ".partial").exists()
+    settings = json.loads((out / "onnx" / "onnx_config.json").read_text())
+    assert settings["source"] == "out"  # the run's name, not the folder it was written in
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    prompts = ["red circle", "blue square"]
+    expected = ClipSegCustomModel.from_pretrained(out).eval().predict(photo, prompts)[0].numpy()
+    got = OnnxClipSeg(onnx_folder(out)).predict(photo, prompts)[0]
+    assert np.abs(got - expected).max() < 1e-5
+
+    args = run_train.parse_args(
+        train_args(synthetic_data, tiny_clip_dir, out, "--resume_from_checkpoint", "latest")
+    )
+    args.hub_model_id, args.hub_token = "someone/clipseg-demo", "hf_test"
+    sent = {}
+    create, commit = fake_hub(sent)
+    with create, commit:
+        run_train.push_model(args)
+    assert {"onnx/decoder.onnx", "onnx/decoder_int8.onnx", "onnx/tokenizer.json"} <= set(sent["files"])
+    assert "onnx" in run_folder.remove_run(out) and not (out / "onnx").exists()
