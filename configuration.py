@@ -190,13 +190,15 @@ class ClipSegCustomConfig(PretrainedConfig):
         # transformers' CLIPSeg decoder has no dropout; ours defaults to the original's 0.1 for training.
         return cls(**{**fields, **overrides})
 
-    def to_clipseg_config(self) -> Any:
-        """The equivalent transformers `CLIPSegConfig`, for export to a stock checkpoint."""
+    def to_clipseg_config(self, check_head: bool = True) -> Any:
+        """The equivalent transformers `CLIPSegConfig`, for export to a stock checkpoint. `check_head=False`
+        allows a refined head transformers cannot build (a config beside graphs that compute the head, as the
+        transformers.js export writes, not beside weights)."""
         from transformers import CLIPSegConfig
 
         patch = self.vision_config.patch_size
         stock = stock_refined_head_strides(patch)
-        if self.use_complex_transposed_convolution and self.refined_head_strides != stock:
+        if check_head and self.use_complex_transposed_convolution and self.refined_head_strides != stock:
             raise ValueError(
                 f"transformers' CLIPSeg builds the refined head with strides patch_size // 4 twice ({stock} for patch "
                 f"size {patch}), which only fits patch size 16 or a model imported from it; this model's head has "

@@ -17,7 +17,9 @@
 - `cli`, `errors`, `files`: the command lines' parser, error policy and logging; atomic writes;
 - `predict_command`: masks, overlays and scores for a folder of images (`run_predict.py`, `clipseg-predict`);
 - `demo`, `tiny_clip`, `prompts`: the offline demo, small CLIPs with their tokenizer, prompt templates;
-- `demo_views`, `space`: the web demo's pictures (`app.py`), and the Hub Space that serves it.
+- `demo_views`, `space`: the web demo's pictures (`app.py`), and the Hub Space that serves it;
+- `onnx_export`, `web_export`: the ONNX export (graphs for onnxruntime, the transformers.js layout);
+  `onnx_runtime`: the exported graphs run with onnxruntime and numpy, no PyTorch (`OnnxClipSeg`, `OnnxSegmenter`).
 
 `errors`, `files`, `hub` and `cli` import nothing else of the project, so the dataset package
 (`phrasecut_dataset`) can use them; the other modules may import the dataset package, never the other way

@@ -125,7 +125,7 @@ def export(
     model, processor = load_model(model_source)
     logger.info(f"exporting {model_source} to ONNX for {target} (opset {opset})")
     inputs = example_inputs(model, processor)
-    with atomic_folder(output) as staging:
+    with atomic_folder(output) as staging, refusals(model_source):
         if target == "transformers.js":
             from .web_export import write_card, write_transformers_js
 
@@ -135,6 +135,20 @@ def export(
             source = recorded_source or model_source
             write_runtime_folder(model, processor, source, inputs, staging, opset, quantize)
     return output
+
+
+@contextmanager
+def refusals(model_source: str) -> Iterator[None]:
+    """What PyTorch's exporter (or a config) raises for a model it cannot trace, in one sentence."""
+    import torch
+
+    try:
+        yield
+    except (torch.onnx.errors.OnnxExporterError, torch.jit.Error, ValueError, NotImplementedError) as error:
+        first_line = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+        raise CommandError(
+            f"--model {model_source} could not be exported to ONNX: {first_line}", FAILED
+        ) from error
 
 
 def write_runtime_folder(model, processor, source: str, inputs, folder: Path, opset: int, quantize) -> None:

@@ -78,7 +78,9 @@ def write_transformers_js(
         quantize_file(graphs / FILES["fp32"], graphs / FILES["int8"], signed=False)
     if "fp16" in quantize:
         fp16_file(graphs / FILES["fp32"], graphs / FILES["fp16"])
-    model.config.to_clipseg_config().save_pretrained(folder)
+    # The graph computes the model's own head: the config tells transformers.js the model type, and may name
+    # a refined head stock CLIPSeg cannot build (patch 8), since no weights are loaded from it.
+    model.config.to_clipseg_config(check_head=False).save_pretrained(folder)
     processor.save_pretrained(folder)
     # transformers.js reads the image settings from preprocessor_config.json, which transformers 5 folds into
     # processor_config.json unless the image processor is saved on its own.

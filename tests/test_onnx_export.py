@@ -243,14 +243,15 @@ def test_onnx_folder_finds_the_graphs_of_a_model_folder(exported, tmp_path):
         onnx_runtime.onnx_folder(tmp_path)
 
 
-def test_transformers_js_layout_runs_as_transformers_js_feeds_it(saved_models, tmp_path):
+@pytest.mark.parametrize("variant", ["plain-16", "refined-8"])  # refined-8: a head stock CLIPSeg cannot build
+def test_transformers_js_layout_runs_as_transformers_js_feeds_it(saved_models, tmp_path, variant):
     """`--target transformers.js`: onnx/model.onnx and model_quantized.onnx, fed by input name with one
     image for all phrases and with images paired to phrases, give PyTorch's logits; config.json is a stock
     CLIPSeg config; a failed check leaves no folder."""
     import onnxruntime as ort
     from transformers import AutoConfig
 
-    model, model_folder = saved_models["plain-16"]
+    model, model_folder = saved_models[variant]
     output = tmp_path / "web"
     assert main(["--model", str(model_folder), "--output", str(output), "--target", "transformers.js"]) == 0
     names = {path.relative_to(output).as_posix() for path in output.rglob("*") if path.is_file()}
@@ -277,3 +278,45 @@ def test_transformers_js_layout_runs_as_transformers_js_feeds_it(saved_models, t
                 assert relative_difference(got, expected) < bound
             else:
                 assert iou(got > 0, expected > 0) > 0.9
+
+
+def test_a_cidas_format_checkpoint_at_another_image_size_exports(tiny_clip_dir, tmp_path):
+    """A stock `CLIPSegForImageSegmentation` folder (the CIDAS checkpoints' format) of a model at 96 px
+    exports through the same command; its graphs give the model's logits at 96 px."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    torch.manual_seed(3)
+    configs = tiny_clip_configs(tokenizer, width=32, layers=3, heads=4, patch_size=16, pretrain_image_size=32)
+    model = ClipSegCustomModel(
+        ClipSegCustomConfig(**configs, image_size=96, reduce_dim=16, extract_layers=[1, 2])
+    ).eval()
+    stock = tmp_path / "stock"
+    model.save_as_clipseg(str(stock), processor=make_processor(tokenizer, image_size=96))
+    assert json.loads((stock / "config.json").read_text())["model_type"] == "clipseg"
+    output = tmp_path / "onnx"
+    assert main(["--model", str(stock), "--output", str(output), "--quantize", "none"]) == 0
+    settings = json.loads((output / "onnx_config.json").read_text())
+    assert settings["image_size"] == 96 and list(settings["graphs"]) == ["fp32"]
+    inputs = model_inputs(AutoProcessor.from_pretrained(stock))
+    inputs["pixel_values"] = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(**inputs).logits.numpy()
+    got = OnnxClipSeg(output).logits(*(tensor.numpy() for tensor in inputs.values()))
+    assert got.shape == (3, 96, 96) and relative_difference(got, expected) < 1e-4
+
+
+def test_a_model_the_exporter_cannot_trace_is_refused_in_one_sentence(
+    saved_models, tmp_path, monkeypatch, capsys
+):
+    def unsupported(*args, **kwargs):
+        raise torch.onnx.errors.OnnxExporterError("Unsupported: ONNX export of operator foo\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    model_folder = saved_models["plain-16"][1]
+    with pytest.raises(SystemExit) as ended:
+        main(["--model", str(model_folder), "--output", str(tmp_path / "out")])
+    assert ended.value.code == 1
+    message = capsys.readouterr().err.strip()
+    assert message == (
+        f"error: --model {model_folder} could not be exported to ONNX: Unsupported: ONNX export of operator foo"
+    )
+    assert list(tmp_path.iterdir()) == []
