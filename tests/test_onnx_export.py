@@ -320,3 +320,27 @@ def test_a_model_the_exporter_cannot_trace_is_refused_in_one_sentence(
         f"error: --model {model_folder} could not be exported to ONNX: Unsupported: ONNX export of operator foo"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_the_runtime_lacks_is_refused_in_one_sentence(saved_models, tmp_path, monkeypatch, capsys):
+    """onnxruntime refusing the written graphs (as an older runtime refuses a newer opset): one sentence that
+    names the runtime and what to do, and no folder."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    def refuse(*args, **kwargs):
+        raise state.Fail(
+            "ONNX Runtime only *guarantees* support for models stamped with opset version 99\nmore"
+        )
+
+    monkeypatch.setattr(onnx_export, "OnnxClipSeg", refuse)
+    with pytest.raises(SystemExit) as ended:
+        main(
+            ["--model", str(saved_models["plain-16"][1]), "--output", str(tmp_path / "out"), "--opset", "20"]
+        )
+    assert ended.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0
+    assert f"onnxruntime {onnxruntime.__version__} cannot load the fp32 graphs" in message
+    assert "export with another --opset, or install a newer onnxruntime" in message
+    assert list(tmp_path.iterdir()) == []
