@@ -1118,9 +1118,9 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
         processor.save_pretrained(staging)
         (staging / "all_results.json").write_text(json.dumps(results, indent=2))
         (staging / "training_log.json").write_text(json.dumps(log, indent=2))
-        write_card(args, accelerator, staging, metrics={})
         if args.export_onnx:
             args.onnx_export_error = export_onnx(args, staging)
+        write_card(args, accelerator, staging, metrics={})
         names = [path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()]
         run_folder.record_model_files(staging, names)
 
@@ -1158,6 +1158,7 @@ def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> No
         notes=getattr(args, "card_notes", ""),
         eval_scope=scope,
         phrasecut=getattr(args, "phrasecut", True),
+        onnx=args.export_onnx and getattr(args, "onnx_export_error", None) is None,
     )
 
 

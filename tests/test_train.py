@@ -845,6 +845,7 @@ def test_export_onnx_saves_graphs_beside_the_model_and_pushes_them(tmp_path, syn
     assert run_folder.foreign_entries(out) == [] and not (out / ".partial").exists()
     settings = json.loads((out / "onnx" / "onnx_config.json").read_text())
     assert settings["source"] == "out"  # the run's name, not the folder it was written in
+    assert 'OnnxSegmenter("out", precision="int8")' in (out / "README.md").read_text()
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
     prompts = ["red circle", "blue square"]
