@@ -60,6 +60,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The image-segmentation pipeline, saved next to the weights when it lies next to this file.
 PIPELINE_FILE = "pipeline_clipseg.py"
+# A LoRA adapter on CLIP, saved beside the weights in its own folder, as peft saves an adapter of a CLIPModel
+# (`PeftModel.from_pretrained(clip, "<model>/clip_adapter")` loads it too); `from_pretrained` applies it. Not at the
+# top level: transformers would take a top-level adapter_config.json for an adapter of this whole model.
+ADAPTER_FOLDER = "clip_adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # the keys' prefix in peft's saved adapters (PeftModel's own names)
 # How long `predict` waits for an image or example image given by URL.
 URL_TIMEOUT_SECONDS = 30.0
 # What `compile_backbone` and `compile_decoder` compile: methods of the model instance.
@@ -279,23 +286,103 @@ class ClipSegCustomModel(PreTrainedModel):
             module.reset_parameters()
 
     def freeze_backbone(self) -> None:
-        """Freeze CLIP. Called after every load path: `from_pretrained` re-creates parameters trainable."""
+        """Freeze CLIP (an adapter on it too). Called after every load path: `from_pretrained` re-creates
+        parameters trainable."""
         self.clip.requires_grad_(False)
         self.clip.eval()
 
+    @property
+    def backbone_trainable(self) -> bool:
+        """Whether any CLIP parameter trains (LoRA, unfrozen blocks): the towers then run with autograd."""
+        return any(parameter.requires_grad for parameter in self.clip.parameters())
+
+    def _tower_grad(self) -> Any:
+        """No autograd through a frozen CLIP; the caller's mode (training, or no_grad) through a tuned one."""
+        return nullcontext() if self.backbone_trainable else torch.no_grad()
+
     def train(self, mode: bool = True) -> ClipSegCustomModel:
         super().train(mode)
-        self.clip.eval()  # the frozen backbone always runs in inference mode
+        # A frozen backbone always runs in inference mode; a tuned one trains (its LoRA dropout applies).
+        self.clip.train(mode and self.backbone_trainable)
         return self
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """Load a checkpoint of ours, or a CIDAS one (`CIDAS/clipseg-rd64-refined` or a saved
-        `CLIPSegForImageSegmentation`; its config is converted), with the backbone frozen."""
+        `CLIPSegForImageSegmentation`; its config is converted), with the backbone frozen; a LoRA adapter saved
+        beside the weights (clip_adapter/) is applied."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        adapter = _adapter_folder(source, kwargs) if source is not None else None
+        if adapter is not None:
+            model.load_clip_adapter(adapter)
         model.freeze_backbone()
         return loaded
+
+    # --- LoRA adapters on CLIP (peft) ---
+
+    def add_clip_adapter(self, lora_config: Any) -> ClipSegCustomModel:
+        """Inject peft LoRA layers (a `peft.LoraConfig`, target modules named inside `self.clip`) into CLIP; only
+        they train on the backbone."""
+        from peft import inject_adapter_in_model
+
+        if self.has_clip_adapter:
+            raise ValueError(
+                "this model already carries a LoRA adapter: merge it first (merge_clip_adapter())"
+            )
+        inject_adapter_in_model(lora_config, self.clip)
+        return self
+
+    @property
+    def has_clip_adapter(self) -> bool:
+        return bool(_lora_layers(self.clip))
+
+    def load_clip_adapter(self, folder: str | os.PathLike) -> ClipSegCustomModel:
+        """Apply the CLIP adapter saved in `folder` (peft's adapter_config.json, adapter_model.safetensors)."""
+        from peft import LoraConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        self.add_clip_adapter(LoraConfig.from_pretrained(str(folder)))
+        weights = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
+        weights = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
+        result = set_peft_model_state_dict(self.clip, weights)
+        missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
+        if missing or getattr(result, "unexpected_keys", []):
+            raise ValueError(
+                f"{Path(folder) / ADAPTER_WEIGHTS} does not fit its {ADAPTER_CONFIG} (missing {missing[:3]}, "
+                f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]})"
+            )
+        return self
+
+    def save_clip_adapter(self, save_directory: str | os.PathLike) -> None:
+        """Write the CLIP adapter (its config and weights, peft's files) into the folder `save_directory`."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.clip.peft_config["default"].save_pretrained(str(directory))
+        weights = {
+            PEFT_PREFIX + key: value.detach().contiguous().cpu()
+            for key, value in get_peft_model_state_dict(self.clip).items()
+        }
+        save_file(weights, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    def merge_clip_adapter(self) -> ClipSegCustomModel:
+        """Fold the adapter into CLIP's weights (W + scale * B A) and remove its layers, in place: the model
+        computes the same with plain layers (and saves, exports and loads without peft)."""
+        _unwrap_lora_layers(self.clip, merge=True)
+        return self
+
+    def without_clip_adapter(self, merge: bool) -> ClipSegCustomModel:
+        """A copy without adapter layers: merged into the weights (`merge=True`), or the weights it started
+        from (the copy `save_pretrained` writes beside the adapter's files)."""
+        import copy
+
+        plain = copy.deepcopy(self)
+        _unwrap_lora_layers(plain.clip, merge=merge)
+        return plain
 
     @classmethod
     def from_clip(cls, clip_name_or_path: str, **config_overrides: Any) -> ClipSegCustomModel:
@@ -331,6 +418,12 @@ class ClipSegCustomModel(PreTrainedModel):
                 "save_pretrained(push_to_hub=True) would push the model without its pipeline: save it, then push "
                 "with model.push_to_hub(repo_id) (which saves the pipeline with it) or `hf upload`"
             )
+        if self.has_clip_adapter:  # the weights it started from, and the adapter beside them in peft's files
+            saved = self.without_clip_adapter(merge=False).save_pretrained(*args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                directory = Path(kwargs.get("save_directory", args[0] if args else "."))
+                self.save_clip_adapter(directory / ADAPTER_FOLDER)
+            return saved
         saved = super().save_pretrained(*args, **kwargs)
         save_directory = Path(kwargs.get("save_directory", args[0] if args else "."))
         if kwargs.get("is_main_process", True):
@@ -423,7 +516,7 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def vision_activations(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of the extracted vision blocks, `[I, 1 + h*w, width]` each; stops after the last one."""
-        with torch.no_grad(), self._backbone_precision(pixel_values.device):
+        with self._tower_grad(), self._backbone_precision(pixel_values.device):
             return self._vision_blocks(pixel_values.to(self.backbone_dtype))
 
     def _vision_blocks(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -445,17 +538,16 @@ class ClipSegCustomModel(PreTrainedModel):
     ) -> torch.Tensor:
         """CLIP text embeddings `[P, projection_dim]`; phrases longer than the text tower are truncated."""
         input_ids, attention_mask = self._fit_text_length(input_ids, attention_mask)
-        with torch.no_grad(), self._backbone_precision(input_ids.device):
+        with self._tower_grad(), self._backbone_precision(input_ids.device):
             return self._text_features(input_ids, attention_mask)
 
     def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
-    @torch.no_grad()
     def image_embeddings(self, conditional_pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings `[P, projection_dim]` of example images (visual prompts)."""
         self._check_pixels(conditional_pixel_values, "conditional_pixel_values")
-        with self._backbone_precision(conditional_pixel_values.device):
+        with self._tower_grad(), self._backbone_precision(conditional_pixel_values.device):
             features = self.clip.get_image_features(
                 pixel_values=conditional_pixel_values.to(self.backbone_dtype), interpolate_pos_encoding=True
             )
@@ -770,7 +862,10 @@ class ClipSegCustomModel(PreTrainedModel):
         clipseg_config = self.config.to_clipseg_config()
         with torch.device("meta"):
             stock = CLIPSegForImageSegmentation(clipseg_config)
-        stock.load_state_dict(self.state_dict(), strict=True, assign=True)
+        plain = (
+            self.without_clip_adapter(merge=True) if self.has_clip_adapter else self
+        )  # stock CLIPSeg has no adapters
+        stock.load_state_dict(plain.state_dict(), strict=True, assign=True)
         stock.save_pretrained(save_directory)
         if processor is not None:
             processor.save_pretrained(save_directory)
@@ -859,6 +954,51 @@ class ClipSegCustomModel(PreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------
 # The processor and its inputs
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _adapter_folder(source: Any, load_options: dict[str, Any]) -> Path | None:
+    """The folder of the CLIP adapter saved beside a model's weights (local, or downloaded from the Hub), or
+    None when there is none."""
+    from transformers.utils import cached_file
+
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = Path(source) / ADAPTER_FOLDER
+        return folder if (folder / ADAPTER_CONFIG).is_file() else None
+    if not isinstance(source, str):
+        return None
+    hub_options = {k: load_options[k] for k in ("revision", "token", "cache_dir") if k in load_options}
+    config = cached_file(
+        source,
+        f"{ADAPTER_FOLDER}/{ADAPTER_CONFIG}",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_options,
+    )
+    if config is None:
+        return None
+    cached_file(source, f"{ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}", **hub_options)  # beside it in the cache
+    return Path(config).parent
+
+
+def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The peft LoRA layers inside `module`, by name."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # without peft there can be none
+        return []
+    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, LoraLayer)]
+
+
+def _unwrap_lora_layers(module: nn.Module, merge: bool) -> None:
+    """Replace each LoRA layer in `module` by its base layer, the adapter folded in first when `merge`."""
+    for name, layer in _lora_layers(module):
+        if merge:
+            layer.merge()
+        parent_name, _, attribute = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attribute, layer.get_base_layer())
+    if hasattr(module, "peft_config"):
+        del module.peft_config
 
 
 def to_rgb_image(image: Any, name: str = "image") -> Image.Image:

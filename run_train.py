@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from clipseg_tools import checkpoints, run_folder
+from clipseg_tools import checkpoints, run_folder, tuning
 from clipseg_tools.batching import PhraseIndex, TrainingOptions, TrainingSamples, training_loader
 from clipseg_tools.class_maps import CLASS_MAP_METRICS, class_map_scores
 from clipseg_tools.cli import ArgumentParser, plural, run_command, setup_logging, worker_count
@@ -71,6 +71,7 @@ from clipseg_tools.training import (
     prepare_for_training,
     record_log,
     set_hyperparameters,
+    trained_checksums,
     training_step,
 )
 from modeling_clipseg_custom import ClipSegCustomModel, make_processor
@@ -100,7 +101,7 @@ POSITIVE_FLAGS = (
     "shuffle_buffer_size",
 )
 # What `args` carries beside the flags (a secret, and what the data turned out to be): not the configuration.
-NOT_FLAGS = ("hub_token", "card_notes", "phrasecut", "validation_held_out")
+NOT_FLAGS = ("hub_token", "card_notes", "phrasecut", "validation_held_out", "trained", "onnx_export_error")
 # The recipe's settings, recorded in every checkpoint: a resume that changes one applies it from there on,
 # says so and records it (those that must not change are `checkpoints.MUST_MATCH`).
 RESUMABLE_SETTINGS = (
@@ -127,6 +128,7 @@ RESUMABLE_SETTINGS = (
     "seed",
     "streaming",
     "shuffle_buffer_size",
+    "backbone_learning_rate",
 )
 
 
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser.add_argument_group("data (give --data_dir or --dataset_name)"))
     add_model_arguments(parser.add_argument_group("model"))
     add_recipe_arguments(parser.add_argument_group("training recipe (defaults: the CLIPSeg paper's)"))
+    tuning.add_arguments(
+        parser.add_argument_group("what trains besides the decoder (default: nothing, CLIP frozen)")
+    )
     add_run_arguments(parser.add_argument_group("output, checkpoints, evaluation, logging"))
     add_sharing_arguments(parser.add_argument_group("sharing on the Hugging Face Hub"))
     add = parser.add_argument_group("offline demo").add_argument
@@ -454,7 +459,14 @@ def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What a demo and any other run both check: resuming, the output folder, the push's repository name."""
+    """What a demo and any other run both check: what trains, resuming, the output folder, the push's
+    repository name."""
+    tuning.check_arguments(parser, args)
+    if args.tune != "decoder" and args.backbone_dtype not in ("auto", "float32"):
+        parser.error(
+            f"--backbone_dtype {args.backbone_dtype} keeps CLIP in that precision, and --tune {args.tune} trains "
+            "part of it, which needs float32 weights: drop --backbone_dtype (mixed precision still applies)"
+        )
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         if not checkpoints.is_checkpoint(Path(args.resume_from_checkpoint)):
             parser.error(
@@ -529,7 +541,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+            # Example images run the vision tower's end, which other batches do not reach.
+            DistributedDataParallelKwargs(find_unused_parameters=tuning.unused_parameters_possible(args)),
+        ],
     )
     setup_logging(accelerator.is_main_process)
     owner = accelerator.is_main_process
@@ -578,6 +594,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     set_seed(args.seed)
 
     model, processor = build_model(args)
+    tune_model(args, model)
     train_split, eval_split = load_data(args, accelerator, model.config.image_size)
     if len(eval_split) == 0:
         raise CommandError(
@@ -587,20 +604,29 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     # Fixed input shapes (drop_last batches of --image_size images): cuDNN's autotuner picks the fastest
     # kernels for the head's 3x3 convolution.
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    # A trained CLIP keeps float32 master weights (mixed precision still computes in bf16/fp16).
     backbone_dtype = backbone_dtype_for(args.backbone_dtype, accelerator.mixed_precision)
+    if args.tune != "decoder":
+        backbone_dtype = torch.float32
     if backbone_dtype != torch.float32:
         model.cast_backbone(backbone_dtype)
     if args.compile:
         mode = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
-        model.compile_backbone(**mode).compile_decoder(**mode)
+        if args.tune == "decoder":
+            model.compile_backbone(**mode)
+        model.compile_decoder(**mode)  # a tuned CLIP runs eager: the towers' graphs are inference-only
     trainable = [p for p in model.parameters() if p.requires_grad]
+    args.trained = tuning.count_trainable(model)
+    trained_names = tuning.trained_parameter_names(model.clip)
     betas = (args.adam_beta1, args.adam_beta2)
-    optimizer = make_optimizer(trainable, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
+    groups = tuning.parameter_groups(model, args)
+    optimizer = make_optimizer(groups, args.learning_rate, args.weight_decay, betas, args.adam_epsilon)
     model, optimizer, train_loader = prepare_for_training(accelerator, model, optimizer, train_loader)
-    checkpoints.keep_decoder_only(accelerator)
+    checkpoints.keep_trained_only(accelerator, {f"clip.{name}" for name in trained_names})
 
     state = checkpoints.TrainerState(
         model_source=model_source(args),
+        tuning=tuning.description(args),
         backbone_dtype=str(backbone_dtype).removeprefix("torch."),
         shrink_train_images=args.shrink_train_images,
         settings=run_settings(args, accelerator),
@@ -611,6 +637,7 @@ def train(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         state.stream_positions = stream_positions(accelerator, state, train_loader.num_workers)
     # This run's flags, over what a checkpoint's optimizer state brought back (the learning rate: each step).
     set_hyperparameters(optimizer, weight_decay=args.weight_decay, betas=betas, eps=args.adam_epsilon)
+    tuning.set_learning_rate_scales(optimizer.param_groups, args)
     if args.with_tracking:
         config = training_config(args, accelerator)
         scalars = {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)}
@@ -717,6 +744,18 @@ def build_model(args: argparse.Namespace) -> tuple[ClipSegCustomModel, Any]:
         with torch.no_grad():
             last.bias.fill_(args.init_output_bias)
     return model, processor
+
+
+def tune_model(args: argparse.Namespace, model: ClipSegCustomModel) -> None:
+    """--tune: what trains besides the decoder. A starting checkpoint's own adapter is folded into its CLIP
+    first: the run trains (and saves) one adapter at most."""
+    if model.has_clip_adapter:
+        model.merge_clip_adapter()
+        logger.info("the starting checkpoint's LoRA adapter is merged into its CLIP before training")
+    try:
+        tuning.apply(model, args)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
 
 
 def model_source(args: argparse.Namespace) -> str:
@@ -872,6 +911,15 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict[
     return config
 
 
+def trainable_summary(args: argparse.Namespace, trainable: list) -> str:
+    """The trained parameter count and what they are."""
+    total = sum(p.numel() for p in trainable)
+    if args.tune == "decoder":
+        return f"{total:,} (the decoder; CLIP stays frozen)"
+    clip_rate = f", CLIP's at learning rate {args.backbone_learning_rate:g}"
+    return f"{total:,} (--tune {tuning.description(args)}: the decoder and part of CLIP{clip_rate})"
+
+
 def log_start(
     args, accelerator, train_split, train_loader, eval_split, state, backbone_dtype, trainable
 ) -> None:
@@ -909,7 +957,7 @@ def log_start(
         f"  Device: {accelerator.device.type}, mixed precision {precision}; the frozen CLIP computes in "
         f"{str(backbone_dtype).removeprefix('torch.')}; {plural(torch.get_num_threads(), 'torch thread')}",
         f"  Data-loader workers: {train_loader.num_workers} per process",
-        f"  Trainable parameters: {sum(p.numel() for p in trainable):,} (the decoder; CLIP stays frozen)",
+        f"  Trainable parameters: {trainable_summary(args, trainable)}",
         f"  Output: {args.output_dir}",
     ]
     logger.info("\n".join(lines))
@@ -1046,6 +1094,7 @@ def finish(
         "nonfinite_losses": state.nonfinite_losses,
         "num_processes": accelerator.num_processes,
         "decoder_checksum_per_process": decoder_checksums(accelerator, model),
+        "trained_checksum_per_process": trained_checksums(accelerator, model),
     }
     if accelerator.is_main_process:
         save_final_model(args, accelerator, final_model, processor, results, state)
@@ -1113,8 +1162,10 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
     log = {"global_step": state.global_step, "log_history": state.log_history}
     if state.setting_changes:
         log["setting_changes"] = state.setting_changes
+    if args.merge_adapter and model.has_clip_adapter:
+        model = model.without_clip_adapter(merge=True)
     with atomic_folder(args.output_dir, merge=True) as staging:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # with --tune lora: the starting CLIP and decoder, the adapter beside
         processor.save_pretrained(staging)
         (staging / "all_results.json").write_text(json.dumps(results, indent=2))
         (staging / "training_log.json").write_text(json.dumps(log, indent=2))
@@ -1159,6 +1210,26 @@ def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> No
         eval_scope=scope,
         phrasecut=getattr(args, "phrasecut", True),
         onnx=args.export_onnx and getattr(args, "onnx_export_error", None) is None,
+        trained=trained_text(args),
+    )
+
+
+def trained_text(args: argparse.Namespace) -> str:
+    """The card's line on what trained, and how many parameters."""
+    counts = getattr(args, "trained", None)
+    if not counts:
+        return ""
+    if args.tune == "decoder":
+        return f"Trained: the decoder ({counts['total']:,} parameters); CLIP frozen (`--tune decoder`)."
+    saved = (
+        "merged into CLIP's weights"
+        if args.merge_adapter
+        else "saved beside the weights as a peft adapter, applied on loading"
+    )
+    lora = f"; the adapter is {saved}" if args.tune == "lora" else ""
+    return (
+        f"Trained: `--tune {tuning.description(args)}`, {counts['total']:,} parameters (the decoder's "
+        f"{counts['decoder']:,} and CLIP's {counts['clip']:,}){lora}."
     )
 
 

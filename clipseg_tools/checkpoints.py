@@ -41,6 +41,7 @@ SET_ASIDE = "set_aside"  # under checkpoints/: those after the one a run rewound
 # State fields a resumed run must share with its checkpoint, and the flags that set them.
 MUST_MATCH = {
     "model_source": "--model_name_or_path / --clip_model_name_or_path",
+    "tuning": "--tune (and its flags)",
     "backbone_dtype": "--backbone_dtype",
     "shrink_train_images": "--shrink_train_images",
 }
@@ -60,6 +61,7 @@ class TrainerState:
     # What changes the numbers without changing the weights' shapes: a resumed run must have the same
     # (None: not recorded, as in older checkpoints).
     model_source: str | None = None
+    tuning: str | None = None  # what trains besides the decoder (`tuning.description`)
     backbone_dtype: str | None = None
     shrink_train_images: bool | None = None
     # The recipe's settings as the run had them (see `run_train.RESUMABLE_SETTINGS`), and where a resumed run
@@ -297,23 +299,37 @@ def note_changed_settings(saved: TrainerState, settings: dict[str, Any], checkpo
         )
 
 
-def keep_decoder_only(accelerator: Any) -> None:
-    """Checkpoints hold the trainable decoder (MBs), not the frozen CLIP (hundreds of MBs each); a resumed
-    run gets CLIP back from the same source it started from."""
+def keep_trained_only(accelerator: Any, trained: set[str]) -> None:
+    """Checkpoints hold what trains: the decoder and the CLIP parameters named in `trained` (LoRA adapters,
+    unfrozen blocks: MBs), not the frozen CLIP (hundreds of MBs each); a resumed run gets the rest of CLIP back
+    from the same source it started from."""
 
-    def is_decoder(key: str) -> bool:
-        return key.removeprefix("module.").startswith("decoder.")
+    def is_kept(key: str) -> bool:
+        key = key.removeprefix("module.")
+        return key.startswith("decoder.") or key in trained
 
-    def keep_decoder(models: list, weights: list, output_dir: str) -> None:
+    def keep(models: list, weights: list, output_dir: str) -> None:
         for i, state in enumerate(weights):
-            weights[i] = {key: value for key, value in state.items() if is_decoder(key)}
+            weights[i] = {key: value for key, value in state.items() if is_kept(key)}
 
-    def load_decoder(models: list, input_dir: str) -> None:
+    def load(models: list, input_dir: str) -> None:
         for i, model in enumerate(models):
             state = load_file(Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
-            decoder = {key.removeprefix("module.").removeprefix("decoder."): v for key, v in state.items()}
-            accelerator.unwrap_model(model).decoder.load_state_dict(decoder, strict=True)
+            state = {key.removeprefix("module."): value for key, value in state.items()}
+            unwrapped = accelerator.unwrap_model(model)
+            decoder = {
+                key.removeprefix("decoder."): v for key, v in state.items() if key.startswith("decoder.")
+            }
+            unwrapped.decoder.load_state_dict(decoder, strict=True)
+            clip_part = {key: value for key, value in state.items() if not key.startswith("decoder.")}
+            if set(clip_part) != trained:
+                missing, extra = sorted(trained - set(clip_part)), sorted(set(clip_part) - trained)
+                raise ValueError(
+                    f"the checkpoint's trained CLIP parameters differ from this run's (missing {missing[:3]}, "
+                    f"not trained here {extra[:3]}): resume with the --tune settings it was trained with"
+                )
+            unwrapped.load_state_dict(clip_part, strict=False)
         models.clear()  # loaded here; Accelerate must not load them again
 
-    accelerator.register_save_state_pre_hook(keep_decoder)
-    accelerator.register_load_state_pre_hook(load_decoder)
+    accelerator.register_save_state_pre_hook(keep)
+    accelerator.register_load_state_pre_hook(load)

@@ -103,6 +103,7 @@ def write_model_card(
     eval_scope: str = "",
     phrasecut: bool = True,
     onnx: bool = False,
+    trained: str = "",
 ) -> Path:
     """Write `output_dir/README.md` with metadata (incl. model-index), usage, config and attribution; with
     `onnx`, how to run the graphs saved in onnx/.
@@ -139,6 +140,8 @@ example image names. Trained with the clipseg-finetune project, starting from `{
 {dataset_name}.
 
 {notes}
+
+{trained}
 
 ## Use
 

@@ -195,6 +195,8 @@ def load_model(model_source: str) -> tuple[Any, Any]:
     if problem:
         raise CommandError(f"--model {model_source} {problem}")
     model, processor = load_for_prediction(model_source, torch.device("cpu"))
+    if model.has_clip_adapter:  # a LoRA adapter folded into CLIP: plain graphs, as fast as the model's own
+        model.merge_clip_adapter()
     return model.float().eval(), processor
 
 

@@ -157,14 +157,15 @@ def record_log(
 
 
 def make_optimizer(
-    trainable: list[torch.nn.Parameter],
+    trainable: list[torch.nn.Parameter] | list[dict[str, Any]],
     learning_rate: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW, fused: one kernel for all the trained parameters, and it can skip a step on the device's word
-    (`found_inf`), which lets `training_step` drop a non-finite step without waiting for the device."""
+    (`found_inf`), which lets `training_step` drop a non-finite step without waiting for the device.
+    `trainable`: the parameters, or parameter groups (with `lr_scale`, their learning rate's multiple)."""
     return torch.optim.AdamW(
         trainable, lr=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
     )
@@ -186,9 +187,12 @@ def learning_rate_factor(
 
 def set_hyperparameters(optimizer: Any, **settings: Any) -> None:
     """Give every parameter group these AdamW settings (`lr`, `weight_decay`, `betas`, `eps`): the learning
-    rate at each step, and this run's flags over those a checkpoint's optimizer state brings back."""
+    rate at each step (times the group's `lr_scale`), and this run's flags over those a checkpoint's optimizer
+    state brings back."""
     for group in optimizer.param_groups:
         group.update(settings)
+        if "lr" in settings:
+            group["lr"] = settings["lr"] * group.get("lr_scale", 1.0)
 
 
 def backbone_dtype_for(choice: str, mixed_precision: str) -> torch.dtype:
@@ -211,11 +215,20 @@ def prepare_for_training(accelerator: Any, model: Any, optimizer: Any, loader: A
 
 def decoder_checksums(accelerator: Any, model: Any) -> list[float]:
     """A checksum of the decoder on every process; they must agree (the processes trained together)."""
-    flat = torch.cat(
-        [p.detach().double().flatten() for p in accelerator.unwrap_model(model).decoder.parameters()]
-    )
+    return checksums(accelerator, list(accelerator.unwrap_model(model).decoder.parameters()))
+
+
+def trained_checksums(accelerator: Any, model: Any) -> list[float]:
+    """A checksum of every trained parameter (the decoder's and CLIP's) on every process; they must agree."""
+    unwrapped = accelerator.unwrap_model(model)
+    return checksums(accelerator, [p for p in unwrapped.parameters() if p.requires_grad])
+
+
+def checksums(accelerator: Any, parameters: list[torch.Tensor]) -> list[float]:
+    """A position-weighted sum of `parameters` on every process; they must agree."""
+    flat = torch.cat([p.detach().double().flatten() for p in parameters])
     weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder(97)
     sums = accelerator.gather((flat * weights).sum().reshape(1)).tolist()
     if len(set(sums)) != 1:
-        raise RuntimeError(f"the processes ended with different decoders (checksums {sums})")
+        raise RuntimeError(f"the processes ended with different weights (checksums {sums})")
     return sums
