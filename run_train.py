@@ -1095,6 +1095,8 @@ def finish(
         "num_processes": accelerator.num_processes,
         "decoder_checksum_per_process": decoder_checksums(accelerator, model),
         "trained_checksum_per_process": trained_checksums(accelerator, model),
+        "tune": tuning.description(args),
+        "trainable_parameters": getattr(args, "trained", None),
     }
     if accelerator.is_main_process:
         save_final_model(args, accelerator, final_model, processor, results, state)

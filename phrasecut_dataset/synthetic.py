@@ -228,16 +228,40 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.clip(pixels, 60, 195).astype(np.uint8)
 
 
-def _render(rng: np.random.Generator, width: int, height: int, shapes: list[_Shape]) -> Image.Image:
+STYLES = ("flat", "striped")
+STRIPE_PERIOD = 10  # pixels from one dark stripe to the next in the "striped" style
+STRIPE_SHADE = 0.35  # the dark stripes' brightness, as a share of the shape's colour
+
+
+def _render(
+    rng: np.random.Generator, width: int, height: int, shapes: list[_Shape], style: str = "flat"
+) -> Image.Image:
+    """The background, then each shape filled with its colour ("flat"), or with stripes of its colour and a
+    dark shade of it ("striped": an appearance the demo's small CLIP never saw in pre-training). The same
+    pixels belong to each shape in both styles."""
     image = Image.fromarray(_background(rng, width, height))
-    draw = ImageDraw.Draw(image)
     for shape in shapes:
         colour = COLOURS[shape.colour]
+        mask = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(mask)
         for polygon in shape.polygons:
             # The official rasteriser's convention (int() vertices, outline included), so the drawn
             # pixels are exactly the mask that polygons_to_mask gives for these polygons.
-            draw.polygon([(int(x), int(y)) for x, y in polygon], fill=colour, outline=colour)
+            draw.polygon([(int(x), int(y)) for x, y in polygon], fill=255, outline=255)
+        image.paste(_fill(shape, colour, width, height, style), mask=mask)
     return image
+
+
+def _fill(shape: _Shape, colour: tuple[int, int, int], width: int, height: int, style: str) -> Image.Image:
+    """The shape's paint over the whole image (the mask keeps its pixels): flat, or diagonal stripes whose
+    angle follows from the shape's position (no random draw: both styles lay out the same shapes)."""
+    if style == "flat":
+        return Image.new("RGB", (width, height), colour)
+    angle = np.deg2rad((shape.centre[0] * 7 + shape.centre[1] * 13) % 180)
+    rows, cols = np.mgrid[0:height, 0:width]
+    phase = (cols * np.cos(angle) + rows * np.sin(angle)) % STRIPE_PERIOD
+    shade = np.where(phase < STRIPE_PERIOD / 2, 1.0, STRIPE_SHADE)[..., None]
+    return Image.fromarray((np.asarray(colour, dtype=np.float64) * shade).round().astype(np.uint8))
 
 
 def single_object_images(count: int, seed: int = 0, size: int = 64) -> tuple[list[Image.Image], list[str]]:
@@ -444,15 +468,19 @@ def write_synthetic_phrasecut(
     min_size: int = 160,
     max_size: int = 320,
     overwrite: bool = False,
+    style: str = "flat",
 ) -> Path:
     """Write a synthetic PhraseCut folder (refer_*.json, image_data_split.json, name_att_rel_count.json, images/).
 
     `num_images` maps split -> number of images with tasks ("train", "val" or "validation", "test",
     "miniv"; missing splits get none, and an empty refer file). As in the real data, a few extra
     train images appear in image_data_split.json without tasks. Image sides are drawn from
-    [min_size, max_size]. Deterministic: the same arguments give byte-identical files.
+    [min_size, max_size]. Deterministic: the same arguments give byte-identical files. `style` "striped" paints
+    the shapes in stripes (the same layouts, phrases and masks as "flat"): a shift in appearance.
     The folder is written under a temporary name and renamed when complete.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size}, max_size={max_size}.")
     counts = _normalise_counts(num_images)
@@ -462,11 +490,13 @@ def write_synthetic_phrasecut(
             f"{output_dir} exists and is not empty; choose another --output_dir or pass --overwrite_output_dir."
         )
     with atomic_folder(output_dir) as staging:
-        _write_splits(staging, counts, seed, min_size, max_size)
+        _write_splits(staging, counts, seed, min_size, max_size, style)
     return output_dir
 
 
-def _write_splits(folder: Path, counts: dict[str, int], seed: int, min_size: int, max_size: int) -> None:
+def _write_splits(
+    folder: Path, counts: dict[str, int], seed: int, min_size: int, max_size: int, style: str = "flat"
+) -> None:
     (folder / "images").mkdir()
     rng = np.random.default_rng(seed)
     ids = _IdCounter(rng)
@@ -484,7 +514,7 @@ def _write_splits(folder: Path, counts: dict[str, int], seed: int, min_size: int
             for shape in shapes:
                 shape.ann_id = ids.next_object()
             # No chroma subsampling: colour edges stay where the polygons are (IoU >= 0.95 after JPEG).
-            _render(image_rng, width, height, shapes).save(
+            _render(image_rng, width, height, shapes, style).save(
                 folder / "images" / f"{image_id}.jpg", quality=90, subsampling=0
             )
             metadata.append(_image_entry(image_rng, image_id, width, height, split))
@@ -520,6 +550,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min_size", type=int, default=160, help="smallest image side, in pixels")
     parser.add_argument("--max_size", type=int, default=320, help="largest image side, in pixels")
     parser.add_argument(
+        "--style",
+        choices=STYLES,
+        default="flat",
+        help="striped: shapes painted in stripes (same layouts and masks), a shift in appearance",
+    )
+    parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="replace a non-empty --output_dir"
     )
     args = parser.parse_args(argv)
@@ -532,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
             min_size=args.min_size,
             max_size=args.max_size,
             overwrite=args.overwrite_output_dir,
+            style=args.style,
         )
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
