@@ -8,6 +8,8 @@
 - `own_data`, `semantic_data`, `coco_data`: a user's own data (referring rows, label maps, COCO instances) in
   the project's form; `own_synthetic`: synthetic data of each shape;
 - `training`: the training step, the loss summed on the device between logs, the optimizer and its schedule;
+- `tuning`: what trains besides the decoder (`--tune`: LoRA adapters through peft, the last vision blocks, all
+  of CLIP), and its optimizer groups;
 - `checkpoints`: the run's state, and the checkpoints that carry it (saved, found, resumed from);
 - `run_folder`: a run's output folder: what the run wrote there (pushed, removed on overwrite), its lock;
 - `evaluation`, `metrics`, `gallery`: scoring under both protocols, the arithmetic, the failure pictures;

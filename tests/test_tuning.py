@@ -117,7 +117,25 @@ def test_lora_saves_loads_and_merges_to_the_same_logits(tmp_path, synthetic_data
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, with_adapter, rtol=1e-4, atol=1e-4)
 
-    from transformers import CLIPSegForImageSegmentation
+    # The pipeline (the model's own code, through trust_remote_code) and the ONNX export apply it too.
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPSegForImageSegmentation, pipeline
+
+    from clipseg_tools.onnx_export import main as export
+    from clipseg_tools.onnx_runtime import OnnxClipSeg
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    segmenter = pipeline("image-segmentation", model=str(out), trust_remote_code=True)
+    expected = model.predict(photo, ["red circle"], processor)[0][0]
+    found = segmenter(photo, prompts=["red circle"], threshold=None)[0]
+    assert np.abs(np.asarray(found["mask"], dtype=float) / 255 - expected.numpy()).max() <= 0.5 / 255 + 1e-6
+    assert export(["--model", str(out), "--output", str(tmp_path / "onnx"), "--quantize", "none"]) == 0
+    got = OnnxClipSeg(tmp_path / "onnx").logits(
+        inputs["pixel_values"].numpy(), inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
+        inputs["image_index"].numpy(),
+    )  # fmt: skip
+    np.testing.assert_allclose(got, with_adapter.numpy(), rtol=1e-4, atol=1e-4)
 
     model.save_as_clipseg(str(tmp_path / "stock"))
     stock = CLIPSegForImageSegmentation.from_pretrained(tmp_path / "stock").eval()
