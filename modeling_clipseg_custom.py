@@ -28,6 +28,7 @@ from `configuration.py` (relatively, as `trust_remote_code` needs), torch, trans
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -325,7 +326,7 @@ class ClipSegCustomModel(PreTrainedModel):
     def add_clip_adapter(self, lora_config: Any) -> ClipSegCustomModel:
         """Inject peft LoRA layers (a `peft.LoraConfig`, target modules named inside `self.clip`) into CLIP; only
         they train on the backbone."""
-        from peft import inject_adapter_in_model
+        inject_adapter_in_model = _peft("peft").inject_adapter_in_model
 
         if self.has_clip_adapter:
             raise ValueError(
@@ -340,10 +341,11 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def load_clip_adapter(self, folder: str | os.PathLike) -> ClipSegCustomModel:
         """Apply the CLIP adapter saved in `folder` (peft's adapter_config.json, adapter_model.safetensors)."""
-        from peft import LoraConfig, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        self.add_clip_adapter(LoraConfig.from_pretrained(str(folder)))
+        peft = _peft("peft")
+        set_peft_model_state_dict = peft.set_peft_model_state_dict
+        self.add_clip_adapter(peft.LoraConfig.from_pretrained(str(folder)))
         weights = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
         weights = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
         result = set_peft_model_state_dict(self.clip, weights)
@@ -357,8 +359,9 @@ class ClipSegCustomModel(PreTrainedModel):
 
     def save_clip_adapter(self, save_directory: str | os.PathLike) -> None:
         """Write the CLIP adapter (its config and weights, peft's files) into the folder `save_directory`."""
-        from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
+
+        get_peft_model_state_dict = _peft("peft").get_peft_model_state_dict
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -426,6 +429,10 @@ class ClipSegCustomModel(PreTrainedModel):
             return saved
         saved = super().save_pretrained(*args, **kwargs)
         save_directory = Path(kwargs.get("save_directory", args[0] if args else "."))
+        if kwargs.get("is_main_process", True) and (save_directory / ADAPTER_FOLDER).is_dir():
+            shutil.rmtree(
+                save_directory / ADAPTER_FOLDER
+            )  # an earlier save's: it would apply to these weights
         if kwargs.get("is_main_process", True):
             self._save_pipeline(save_directory)
         return saved
@@ -962,31 +969,46 @@ def _adapter_folder(source: Any, load_options: dict[str, Any]) -> Path | None:
     from transformers.utils import cached_file
 
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
-        folder = Path(source) / ADAPTER_FOLDER
+        folder = Path(source) / (load_options.get("subfolder") or "") / ADAPTER_FOLDER
         return folder if (folder / ADAPTER_CONFIG).is_file() else None
     if not isinstance(source, str):
         return None
-    hub_options = {k: load_options[k] for k in ("revision", "token", "cache_dir") if k in load_options}
+    passed = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+    hub_options = {k: load_options[k] for k in passed if k in load_options}
+    folder = (
+        f"{load_options['subfolder']}/{ADAPTER_FOLDER}" if load_options.get("subfolder") else ADAPTER_FOLDER
+    )
+    # Offline, a repository whose adapter file was never looked up cannot say whether it has one: it loads
+    # without (as transformers does for its own adapter files).
     config = cached_file(
         source,
-        f"{ADAPTER_FOLDER}/{ADAPTER_CONFIG}",
+        f"{folder}/{ADAPTER_CONFIG}",
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
         **hub_options,
     )
     if config is None:
         return None
-    cached_file(source, f"{ADAPTER_FOLDER}/{ADAPTER_WEIGHTS}", **hub_options)  # beside it in the cache
+    cached_file(source, f"{folder}/{ADAPTER_WEIGHTS}", **hub_options)  # beside it in the cache
     return Path(config).parent
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The peft LoRA layers inside `module`, by name."""
     try:
-        from peft.tuners.lora import LoraLayer
+        lora_layer = importlib.import_module("peft.tuners.lora").LoraLayer
     except ImportError:  # without peft there can be none
         return []
-    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, LoraLayer)]
+    return [(name, layer) for name, layer in module.named_modules() if isinstance(layer, lora_layer)]
+
+
+def _peft(name: str) -> Any:
+    """A peft module, imported only where an adapter is used: transformers' remote-code loader requires every
+    package this file names in an import statement, and a model without an adapter needs no peft."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"this model's CLIP adapter needs peft: pip install peft ({error})") from error
 
 
 def _unwrap_lora_layers(module: nn.Module, merge: bool) -> None:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -74,7 +75,7 @@ from clipseg_tools.training import (
     trained_checksums,
     training_step,
 )
-from modeling_clipseg_custom import ClipSegCustomModel, make_processor
+from modeling_clipseg_custom import ADAPTER_FOLDER, ClipSegCustomModel, make_processor
 
 logger = logging.get_logger(__name__)
 
@@ -1139,6 +1140,8 @@ def push_model(args: argparse.Namespace) -> str:
         Path(args.output_dir),
         args.hub_model_id,
         files=run_folder.model_files(Path(args.output_dir)),
+        # An earlier push's adapter or graphs that this model does not have would load with its weights.
+        replace_under=(f"{ADAPTER_FOLDER}/", f"{ONNX_FOLDER}/"),
         private=args.hub_private_repo,
         token=args.hub_token,
         commit_message="Upload model trained with clipseg-finetune",
@@ -1166,6 +1169,7 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
         log["setting_changes"] = state.setting_changes
     if args.merge_adapter and model.has_clip_adapter:
         model = model.without_clip_adapter(merge=True)
+    earlier = run_folder.top_level_entries(run_folder.model_files(Path(args.output_dir)))
     with atomic_folder(args.output_dir, merge=True) as staging:
         model.save_pretrained(staging)  # with --tune lora: the starting CLIP and decoder, the adapter beside
         processor.save_pretrained(staging)
@@ -1176,6 +1180,11 @@ def save_final_model(args, accelerator, model, processor, results, state) -> Non
         write_card(args, accelerator, staging, metrics={})
         names = [path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()]
         run_folder.record_model_files(staging, names)
+        written = set(run_folder.top_level_entries(names))
+    # What an earlier save of this run wrote and this one did not (an adapter, graphs) would load with it.
+    for entry in earlier:
+        if entry not in written:
+            remove_entry(Path(args.output_dir) / entry)
 
 
 def export_onnx(args: argparse.Namespace, staging: Path) -> BaseException | None:
@@ -1193,6 +1202,13 @@ def export_onnx(args: argparse.Namespace, staging: Path) -> BaseException | None
         logger.error(f"the ONNX export failed: {last_line(error)}")
         return error
     return None
+
+
+def remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def write_card(args, accelerator, folder: Path, metrics: dict[str, float]) -> None:

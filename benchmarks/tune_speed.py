@@ -38,7 +38,9 @@ def mode_args(mode: str) -> SimpleNamespace:
     return args
 
 
-def step_seconds(mode: str, images: int, phrases: int, repeats: int, device: torch.device) -> tuple[float, int]:
+def step_seconds(
+    mode: str, images: int, phrases: int, repeats: int, device: torch.device
+) -> tuple[float, int]:
     """The median step time in `mode`, and its trained parameter count."""
     torch.manual_seed(0)
     model = ClipSegCustomModel(ClipSegCustomConfig(decoder_dropout=0.0))
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    print(f"{args.images} images x {args.phrases} phrases per step, {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.images} images x {args.phrases} phrases per step, {device}, torch threads {torch.get_num_threads()}"
+    )
     print("| --tune | trained parameters | step (s) | against decoder |\n|---|---|---|---|", flush=True)
     results = {}
     for mode in tuning.TUNE_MODES:

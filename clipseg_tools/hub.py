@@ -60,14 +60,14 @@ def push_folder(
     repo_type: str = "model",
     files: Sequence[str],
     what: str = "The model",
-    replace_under: str | None = None,
+    replace_under: str | tuple[str, ...] | None = None,
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload with clipseg-finetune",
 ) -> str:
     """Create the repository if needed and upload `files` (names relative to `folder`: what a run or an
     export wrote there, nothing else the folder holds) in one commit; with
-    `replace_under` (a folder of the repository, e.g. "data/"), its files that this folder no longer has are
+    `replace_under` (a folder of the repository, e.g. "data/", or several), its files that this folder no longer has are
     deleted in the same commit. Returns the commit's URL. A failure says that `what` (e.g. "The model") is
     complete in `folder`, and the command that pushes it later."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi

@@ -331,8 +331,8 @@ class OnnxSegmenter:
         prompt_list = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         if not prompt_list:
             raise ValueError("give at least one prompt")
-        single = not isinstance(images, (list, tuple))
-        image_list = [images] if single else list(images)
+        single = is_one_image(images)
+        image_list = [images] if single else list(images)  # a list, a generator or a data set of images
         all_maps = self.model.predict(image_list, [prompt_list] * len(image_list), batch_size=batch_size)
         results = [segments(maps, prompt_list, threshold, multiclass) for maps in all_maps]
         return results[0] if single else results
@@ -352,12 +352,17 @@ def segments(
         masks = (maps > threshold).astype(np.uint8) * 255
     return [
         {
-            "label": prompt if isinstance(prompt, str) else f"example image {k}",
+            "label": prompt if isinstance(prompt, str) and not _is_url(prompt) else f"example image {k}",
             "score": score,
             "mask": Image.fromarray(mask, mode="L"),
         }
         for k, (prompt, score, mask) in enumerate(zip(prompts, scores, masks, strict=True))
     ]
+
+
+def is_one_image(images: Any) -> bool:
+    """One image (a PIL image, an array, a path or URL), not a collection of them: as the pipeline decides."""
+    return isinstance(images, (Image.Image, str, bytes, os.PathLike)) or hasattr(images, "__array__")
 
 
 def multiclass_masks(maps: np.ndarray, threshold: float) -> np.ndarray:

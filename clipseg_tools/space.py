@@ -29,7 +29,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The line of app.py that names the model served when --model is not given (the Space's copy fills it in).
 DEFAULT_MODEL_LINE = "DEFAULT_MODEL: str | None = None"
 # What the app imports, at the versions this machine runs it with (gradio is the Space's SDK, set in the README).
-REQUIREMENTS = ("torch", "transformers", "huggingface_hub", "numpy", "pillow")
+# peft: a model trained with --tune lora carries a CLIP adapter.
+REQUIREMENTS = ("torch", "transformers", "huggingface_hub", "numpy", "pillow", "peft")
 # The gradio the app is tested with, for a Space pushed from a machine without the [demo] extra.
 TESTED_GRADIO = "6.31.0"
 

@@ -81,6 +81,10 @@ def write_transformers_js(
     # The graph computes the model's own head: the config tells transformers.js the model type, and may name
     # a refined head stock CLIPSeg cannot build (patch 8), since no weights are loaded from it.
     model.config.to_clipseg_config(check_head=False).save_pretrained(folder)
+    # The graph takes the model's image size only: a processor saved with another size (a stale
+    # preprocessor_config.json) would feed it images it cannot take.
+    size = model.config.image_size
+    processor.image_processor.size = {"height": size, "width": size}
     processor.save_pretrained(folder)
     # transformers.js reads the image settings from preprocessor_config.json, which transformers 5 folds into
     # processor_config.json unless the image processor is saved on its own.

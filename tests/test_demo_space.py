@@ -114,6 +114,7 @@ class FakeHub:
                 api, repo_id, operations, **kw
             ),
             upload_folder=lambda api, **kw: self.upload_folder(api, **kw),
+            list_repo_files=lambda api, repo_id, **kw: [],
         )
 
 

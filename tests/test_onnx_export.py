@@ -219,7 +219,9 @@ def test_segmenter_gives_the_pipelines_masks(exported):
     onnx = onnx_runtime.OnnxSegmenter(folder)
     for options in ({}, {"threshold": None}, {"multiclass": True}):
         expected = pipe(images, prompts=PHRASES, **options)
-        got = onnx(images, prompts=PHRASES, **options)
+        got = onnx(
+            (image for image in images), prompts=PHRASES, **options
+        )  # a generator, as the pipeline takes
         for got_image, expected_image in zip(got, expected, strict=True):
             for g, e in zip(got_image, expected_image, strict=True):
                 assert g["label"] == e["label"]

@@ -197,11 +197,18 @@ def fake_hub(sent: dict):
 
     def fake_create_commit(self, repo_id, operations, **kwargs):
         sent["repo"] = repo_id
-        sent["files"] = {op.path_in_repo: op.path_or_fileobj for op in operations}
+        sent["files"] = {
+            op.path_in_repo: op.path_or_fileobj for op in operations if hasattr(op, "path_or_fileobj")
+        }
+        sent["deleted"] = [op.path_in_repo for op in operations if not hasattr(op, "path_or_fileobj")]
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    create = mock.patch.object(
-        HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}")
+    # What the repository already holds: an earlier push's adapter, which this model does not have.
+    listed = ["config.json", "clip_adapter/adapter_config.json", "clip_adapter/adapter_model.safetensors"]
+    create = mock.patch.multiple(
+        HfApi,
+        create_repo=lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"),
+        list_repo_files=lambda self, repo_id, **kw: listed,
     )
     return create, mock.patch.object(HfApi, "create_commit", fake_create_commit)
 
@@ -235,6 +242,8 @@ def test_push_sends_the_saved_model_only_never_other_files_or_a_link_target(
     assert SAVED_MODEL_FILES <= names
     assert {"processor_config.json", "tokenizer.json", "all_results.json", "training_log.json"} <= names
     assert not names & {"notes.txt", ".env", "passwd", "run_files.json"}
+    # An earlier push's adapter would load with these weights: the same commit deletes it.
+    assert sent["deleted"] == ["clip_adapter/adapter_config.json", "clip_adapter/adapter_model.safetensors"]
     assert not any(name.startswith("checkpoints/") for name in names)
     card = ModelCard(Path(sent["files"]["README.md"]).read_text())  # as uploaded: its metadata parses
     assert card.data.eval_results and card.data.pipeline_tag == "image-segmentation"

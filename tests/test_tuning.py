@@ -174,6 +174,18 @@ def test_resume_is_exact_in_every_mode(tmp_path, synthetic_data, tiny_clip_dir, 
         assert expected.keys() == got.keys()
         assert all(torch.equal(expected[k], got[k]) for k in expected), f"{name} differs after resuming"
 
+    if mode == "lora":  # saved again merged: the earlier save's adapter must not stay to apply twice
+        merged = run_script(
+            train_args(synthetic_data, tiny_clip_dir, out, *common, "--resume_from_checkpoint", "latest",
+                       "--merge_adapter")
+        )  # fmt: skip
+        assert merged.returncode == 0, merged.stderr[-4000:]
+        assert not (out / "clip_adapter").exists()
+        assert not any(
+            name.startswith("clip_adapter")
+            for name in json.loads((out / "run_files.json").read_text())["files"]
+        )
+
     other = "full" if mode != "full" else "lora"
     refused = run_script(
         train_args(synthetic_data, tiny_clip_dir, out, *common[:4], *MODES[other], "--resume_from_checkpoint",
@@ -250,3 +262,14 @@ def test_decoder_mode_runs_no_autograd_through_clip(tiny_clip_dir):
     assert not model.text_embeddings(torch.tensor([[1, 2, 3]])).requires_grad  # the text tower: not adapted
     names = {name for name, p in model.clip.named_parameters() if p.requires_grad}
     assert names and all(".layers.0." in n or ".layers.1." in n for n in names)  # only the blocks it runs
+
+
+def test_the_model_file_needs_no_peft_unless_a_model_has_an_adapter():
+    """transformers' remote-code loader requires every package the model file imports: peft must not be one
+    (a model without an adapter, or a Space without peft, loads without it)."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    model_file = Path(__file__).resolve().parent.parent / "modeling_clipseg_custom.py"
+    assert "peft" not in get_imports(str(model_file))
