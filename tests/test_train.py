@@ -213,6 +213,21 @@ def fake_hub(sent: dict):
     return create, mock.patch.object(HfApi, "create_commit", fake_create_commit)
 
 
+def push_run(out, synthetic_data, tiny_clip_dir) -> tuple:
+    """`run_train.push_model` on a finished run's folder, to a fake Hub: the run's arguments and what was sent."""
+    import run_train
+
+    args = run_train.parse_args(
+        train_args(synthetic_data, tiny_clip_dir, out, "--resume_from_checkpoint", "latest")
+    )
+    args.hub_model_id, args.hub_token = "someone/clipseg-demo", "hf_test"
+    sent = {}
+    create, commit = fake_hub(sent)
+    with create, commit:
+        run_train.push_model(args)
+    return args, sent
+
+
 def test_push_sends_the_saved_model_only_never_other_files_or_a_link_target(
     tmp_path, synthetic_data, tiny_clip_dir
 ):
@@ -229,14 +244,7 @@ def test_push_sends_the_saved_model_only_never_other_files_or_a_link_target(
     import run_train
     from clipseg_tools.errors import CommandError
 
-    args = run_train.parse_args(
-        train_args(synthetic_data, tiny_clip_dir, out, "--resume_from_checkpoint", "latest")
-    )
-    args.hub_model_id, args.hub_token = "someone/clipseg-demo", "hf_test"
-    sent = {}
-    create, commit = fake_hub(sent)
-    with create, commit:
-        run_train.push_model(args)
+    args, sent = push_run(out, synthetic_data, tiny_clip_dir)
     assert sent["repo"] == "someone/clipseg-demo"
     names = set(sent["files"])
     assert SAVED_MODEL_FILES <= names
@@ -252,6 +260,7 @@ def test_push_sends_the_saved_model_only_never_other_files_or_a_link_target(
     (out / "tokenizer.json").unlink()
     (out / "tokenizer.json").symlink_to("/etc/passwd")
     sent.clear()
+    create, commit = fake_hub(sent)
     with create, commit, pytest.raises(CommandError, match="tokenizer.json is a symbolic link"):
         run_train.push_model(args)
     assert not sent
@@ -840,7 +849,6 @@ def test_export_onnx_saves_graphs_beside_the_model_and_pushes_them(tmp_path, syn
     import numpy as np
     from PIL import Image
 
-    import run_train
     from clipseg_tools import run_folder
     from clipseg_tools.onnx_runtime import OnnxClipSeg, onnx_folder
     from modeling_clipseg_custom import ClipSegCustomModel
@@ -862,13 +870,6 @@ def test_export_onnx_saves_graphs_beside_the_model_and_pushes_them(tmp_path, syn
     got = OnnxClipSeg(onnx_folder(out)).predict(photo, prompts)[0]
     assert np.abs(got - expected).max() < 1e-5
 
-    args = run_train.parse_args(
-        train_args(synthetic_data, tiny_clip_dir, out, "--resume_from_checkpoint", "latest")
-    )
-    args.hub_model_id, args.hub_token = "someone/clipseg-demo", "hf_test"
-    sent = {}
-    create, commit = fake_hub(sent)
-    with create, commit:
-        run_train.push_model(args)
+    args, sent = push_run(out, synthetic_data, tiny_clip_dir)
     assert {"onnx/decoder.onnx", "onnx/decoder_int8.onnx", "onnx/tokenizer.json"} <= set(sent["files"])
     assert "onnx" in run_folder.remove_run(out) and not (out / "onnx").exists()
